@@ -1,0 +1,3 @@
+"""llmwatch: cost, latency and error metrics for OpenAI calls."""
+
+__version__ = "0.1.0"

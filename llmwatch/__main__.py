@@ -1,0 +1,5 @@
+import sys
+
+from llmwatch.cli import main
+
+sys.exit(main())

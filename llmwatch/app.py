@@ -1,0 +1,105 @@
+"""The app factory: settings in, a ready aiohttp application out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
+
+from llmwatch import __version__
+from llmwatch.calls import CallTracker
+from llmwatch.config import Settings
+from llmwatch.metrics import Metrics
+from llmwatch.pricing import PriceTable
+from llmwatch.routes import setup_routes
+from llmwatch.simulator import SimulatorConfig, create_simulator_app
+from llmwatch.upstream import SIMULATOR_API_KEY, UpstreamClient
+from llmwatch.views import (
+    METRICS,
+    SETTINGS,
+    TRACKER,
+    UPSTREAM_URL,
+    error_middleware,
+    json_body_middleware,
+    validation_error,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    """Build the service. Raises ConfigError for an invalid price table or model."""
+    settings = settings or Settings()
+    prices = PriceTable.load(settings.prices_file)
+    metrics = Metrics(settings.latency_buckets)
+    tracker = CallTracker(
+        None,
+        metrics,
+        prices,
+        default_model=settings.model,
+        extra_models=settings.extra_models,
+    )
+
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[error_middleware, json_body_middleware, validation_middleware],
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[TRACKER] = tracker
+    app.cleanup_ctx.append(upstream_ctx)
+    setup_routes(app)
+    setup_aiohttp_apispec(
+        app,
+        title="llmwatch",
+        version=__version__,
+        url="/api/docs/swagger.json",
+        swagger_path="/api/docs",
+        error_callback=validation_error,
+    )
+    return app
+
+
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the OpenAI client, and the simulated upstream when there is no key."""
+    settings = app[SETTINGS]
+    simulator: web.AppRunner | None = None
+    base_url = settings.base_url
+    api_key = settings.api_key
+    if settings.simulated:
+        simulator, base_url = await start_simulator(settings)
+        api_key = SIMULATOR_API_KEY
+        logger.warning(
+            "OPENAI_API_KEY is not set: answering from the built-in simulated "
+            "upstream at %s; set OPENAI_API_KEY to call OpenAI",
+            base_url,
+        )
+    upstream = UpstreamClient(
+        api_key=api_key or "",
+        base_url=base_url,
+        timeout=settings.timeout,
+        max_retries=settings.max_retries,
+    )
+    app[TRACKER].upstream = upstream
+    app[UPSTREAM_URL] = base_url or "https://api.openai.com/v1"
+    try:
+        yield
+    finally:
+        await upstream.close()
+        if simulator is not None:
+            await simulator.cleanup()
+
+
+async def start_simulator(settings: Settings) -> tuple[web.AppRunner, str]:
+    """Serve the simulated upstream on a free loopback port."""
+    config = SimulatorConfig(
+        ttft_s=settings.sim_ttft, token_delay_s=settings.sim_token_delay
+    )
+    runner = web.AppRunner(create_simulator_app(config), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}/v1"

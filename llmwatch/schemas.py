@@ -1,0 +1,166 @@
+"""Marshmallow schemas of the HTTP API, used for validation and OpenAPI docs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates_schema,
+)
+
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _check_content(value: Any) -> None:
+    """Accept a string or OpenAI's list of content parts, each with a type."""
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        for part in value:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ValidationError(
+                    'Each content part must be an object with a "type", such as '
+                    '{"type": "text", "text": "..."}.'
+                )
+        return
+    raise ValidationError("Must be a string or a non-empty list of content parts.")
+
+
+class MessageSchema(Schema):
+    """One chat message in OpenAI's format."""
+
+    class Meta:
+        unknown = RAISE
+
+    role = fields.String(
+        required=True,
+        validate=validate.OneOf(MESSAGE_ROLES),
+        metadata={"description": "Who wrote the message."},
+    )
+    content = fields.Raw(
+        required=True,
+        allow_none=True,
+        validate=_check_content,
+        metadata={"description": "Text, or a list of content parts."},
+    )
+    name = fields.String(metadata={"description": "Optional author name."})
+    tool_call_id = fields.String()
+    tool_calls = fields.List(fields.Dict())
+
+    @validates_schema
+    def check_content_present(self, data: dict[str, Any], **_: Any) -> None:
+        """Allow null content only on assistant messages that call tools."""
+        if data.get("content") is None and not data.get("tool_calls"):
+            raise ValidationError("Must not be null.", "content")
+
+
+class AskRequestSchema(Schema):
+    """The body of POST /ask."""
+
+    class Meta:
+        unknown = RAISE
+
+    messages = fields.List(
+        fields.Nested(MessageSchema),
+        validate=validate.Length(min=1, error="Must contain at least one message."),
+        metadata={"description": "The conversation, in OpenAI chat format."},
+    )
+    prompt = fields.String(
+        validate=validate.Length(min=1, error="Must not be empty."),
+        metadata={"description": "Shorthand for one user message."},
+    )
+    model = fields.String(
+        validate=validate.Length(min=1, error="Must not be empty."),
+        metadata={"description": "Model to call; OPENAI_MODEL by default."},
+    )
+    temperature = fields.Float(
+        validate=validate.Range(min=0, max=2),
+        metadata={"description": "Sampling temperature, 0 to 2."},
+    )
+    max_tokens = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=1),
+        metadata={"description": "Upper bound on completion tokens."},
+    )
+    stream = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Answer as server-sent events."},
+    )
+
+    @validates_schema
+    def check_one_input(self, data: dict[str, Any], **_: Any) -> None:
+        """Require exactly one of messages and prompt."""
+        has_messages = "messages" in data
+        has_prompt = "prompt" in data
+        if has_messages and has_prompt:
+            raise ValidationError("Give either messages or prompt, not both.", "prompt")
+        if not has_messages and not has_prompt:
+            raise ValidationError(
+                'Missing: give "messages" (OpenAI chat format) or "prompt" (a string).',
+                "messages",
+            )
+
+
+class AskResponseSchema(Schema):
+    """The answer of POST /ask (also the summary event of a stream)."""
+
+    model = fields.String(metadata={"description": "Base model name."})
+    answer = fields.String()
+    latency_s = fields.Float(metadata={"description": "Upstream latency, seconds."})
+    prompt_tokens = fields.Integer()
+    completion_tokens = fields.Integer()
+    cached_prompt_tokens = fields.Integer(
+        metadata={"description": "Part of prompt_tokens read from the cache."}
+    )
+    reasoning_tokens = fields.Integer(
+        metadata={"description": "Part of completion_tokens spent reasoning."}
+    )
+    cost_usd = fields.Float(
+        allow_none=True,
+        metadata={"description": "US dollars; null when the model has no price."},
+    )
+    finish_reason = fields.String(allow_none=True)
+    upstream_model = fields.String(
+        allow_none=True, metadata={"description": "Snapshot the upstream named."}
+    )
+    request_id = fields.String(
+        allow_none=True, metadata={"description": "The upstream's x-request-id."}
+    )
+    upstream_attempts = fields.Integer(
+        metadata={"description": "1 plus the retries the client made."}
+    )
+    time_to_first_token_s = fields.Float(
+        allow_none=True, metadata={"description": "Streams only, seconds."}
+    )
+    usage_missing = fields.Boolean(
+        metadata={"description": "True when the upstream sent no usage."}
+    )
+
+
+class ErrorDetailSchema(Schema):
+    """What failed and what to do."""
+
+    type = fields.String(metadata={"description": "The llm_errors_total type."})
+    message = fields.String()
+    field = fields.String(metadata={"description": "The request field at fault."})
+    details = fields.Dict()
+
+
+class ErrorSchema(Schema):
+    """Every failure's JSON body."""
+
+    error = fields.Nested(ErrorDetailSchema)
+
+
+class HealthSchema(Schema):
+    """The answer of GET /healthz."""
+
+    status = fields.String()
+    upstream = fields.String(metadata={"description": "simulated or openai."})
+    base_url = fields.String(allow_none=True)
+    version = fields.String()
