@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from llmwatch.simulator import SimulatorConfig, create_simulator_app
 from llmwatch.upstream import SIMULATOR_API_KEY, UpstreamClient
 from llmwatch.views import (
     METRICS,
+    REQUEST_DATA,
     SETTINGS,
     TRACKER,
     UPSTREAM_URL,
@@ -51,14 +53,24 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[TRACKER] = tracker
     app.cleanup_ctx.append(upstream_ctx)
     setup_routes(app)
-    setup_aiohttp_apispec(
-        app,
-        title="llmwatch",
-        version=__version__,
-        url="/api/docs/swagger.json",
-        swagger_path="/api/docs",
-        error_callback=validation_error,
-    )
+    # NOTE: aiohttp-apigami 0.x stores the spec under a plain string key, for
+    # which aiohttp warns. Building the spec now, in place, keeps that warning
+    # here, where it is silenced, instead of at every start-up.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", web.NotAppKeyWarning)
+        setup_aiohttp_apispec(
+            app,
+            title="llmwatch",
+            version=__version__,
+            url="/api/docs/swagger.json",
+            swagger_path="/api/docs",
+            error_callback=validation_error,
+            in_place=True,
+            # aiohttp warns once for each plain string request key; apigami
+            # only uses this name as a key, so a RequestKey works and keeps
+            # the first request from printing that warning.
+            request_data_name=REQUEST_DATA,  # type: ignore[arg-type]
+        )
     return app
 
 

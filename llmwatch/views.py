@@ -32,9 +32,12 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 TRACKER = web.AppKey("tracker", CallTracker)
 UPSTREAM_URL = web.AppKey("upstream_url", str)
+# The validated body of /ask; its name is the request_data_name given to
+# aiohttp-apigami, whose validation middleware stores the body under it.
+REQUEST_DATA = web.RequestKey("data", dict)
 # Requests to these paths are LLM requests: each failure is counted.
 TRACKED_PATHS = frozenset({"/ask"})
-MODEL_LABEL = "llmwatch.model_label"
+MODEL_LABEL = web.RequestKey("llmwatch.model_label", str)
 
 # text/event-stream must reach the client frame by frame: no caching, and
 # X-Accel-Buffering turns off nginx's response buffering.
@@ -80,7 +83,7 @@ def sse_event(event: str, data: dict[str, Any]) -> bytes:
 @response_schema(AskResponseSchema, 200)
 async def ask(request: web.Request) -> web.StreamResponse:
     """Answer one question through the upstream."""
-    data: dict[str, Any] = request["data"]
+    data: dict[str, Any] = request[REQUEST_DATA]
     tracker = request.app[TRACKER]
     model, label = tracker.resolve_model(data.get("model"))
     request[MODEL_LABEL] = label
