@@ -71,7 +71,10 @@ class CallTracker:
         self.prices = prices
         self.allowed_models = frozenset(prices.models) | frozenset(extra_models)
         self.default_model = self.check_default_model(default_model)
-        metrics.init_model(base_model_name(self.default_model))
+        default_label = base_model_name(self.default_model)
+        metrics.init_model(
+            default_label, priced=prices.price_of(default_label) is not None
+        )
 
     def check_default_model(self, model: str) -> str:
         """Return ``model`` if it is served, else raise ConfigError."""

@@ -169,10 +169,14 @@ class Metrics:
             {"version": __version__, "python_version": platform.python_version()}
         )
 
-    def init_model(self, model: str) -> None:
-        """Create a model's zero-valued series so rates work from the first scrape."""
+    def init_model(self, model: str, *, priced: bool = True) -> None:
+        """Create a model's zero-valued series so rates work from the first scrape.
+
+        An unpriced model gets no cost series, because its cost is unknown, not $0.
+        """
         self.requests.labels(model)
-        self.cost.labels(model)
+        if priced:
+            self.cost.labels(model)
         for token_type in ("prompt", "completion"):
             self.tokens.labels(model, token_type)
         for error_type in ERROR_TYPES:
