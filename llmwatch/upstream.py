@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -181,8 +182,27 @@ def upstream_error(exc: openai.OpenAIError) -> ApiError:
     return error
 
 
+def _connection_failure(exc: BaseException) -> aiohttp.ClientConnectionError | None:
+    """Return the aiohttp connection error behind ``exc`` that is no timeout.
+
+    NOTE: the aiohttp transport vendored in openai 3.x maps every
+    aiohttp.ClientConnectionError to httpx2.ConnectTimeout, a refused
+    connection or a server that hung up included, so the SDK raises
+    APITimeoutError for them. Only the cause chain tells them apart.
+    """
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
+            cause, TimeoutError
+        ):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
 def _map_error(exc: openai.OpenAIError) -> ApiError:
-    if isinstance(exc, openai.APITimeoutError):
+    failure = _connection_failure(exc)
+    if isinstance(exc, openai.APITimeoutError) and failure is None:
         return ApiError(
             504,
             "timeout",
@@ -192,7 +212,8 @@ def _map_error(exc: openai.OpenAIError) -> ApiError:
         return ApiError(
             502,
             "connection_error",
-            f"Cannot reach the upstream: {exc}. Check OPENAI_BASE_URL and the network.",
+            f"Cannot reach the upstream: {failure or exc}. Check OPENAI_BASE_URL "
+            "and the network.",
         )
     if isinstance(exc, openai.RateLimitError):
         headers = {}
