@@ -31,6 +31,26 @@ def _check_content(value: Any) -> None:
     raise ValidationError("Must be a string or a non-empty list of content parts.")
 
 
+class JsonBoolean(fields.Boolean):
+    """A boolean sent as JSON true or false; "yes", "1" or 1 are invalid."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class JsonNumber(fields.Float):
+    """A number sent as a JSON number; a string such as "0.7" is invalid."""
+
+    def _deserialize(
+        self, value: Any, attr: Any, data: Any, **kwargs: Any
+    ) -> float | None:
+        if not isinstance(value, int | float):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class MessageSchema(Schema):
     """One chat message in OpenAI's format."""
 
@@ -78,7 +98,7 @@ class AskRequestSchema(Schema):
         validate=validate.Length(min=1, error="Must not be empty."),
         metadata={"description": "Model to call; OPENAI_MODEL by default."},
     )
-    temperature = fields.Float(
+    temperature = JsonNumber(
         validate=validate.Range(min=0, max=2),
         metadata={"description": "Sampling temperature, 0 to 2."},
     )
@@ -87,7 +107,7 @@ class AskRequestSchema(Schema):
         validate=validate.Range(min=1),
         metadata={"description": "Upper bound on completion tokens."},
     )
-    stream = fields.Boolean(
+    stream = JsonBoolean(
         load_default=False,
         metadata={"description": "Answer as server-sent events."},
     )
