@@ -196,16 +196,16 @@ def parse_buckets(name: str, raw: str) -> tuple[float, ...]:
 
 
 def _log_level(name: str, raw: str) -> str:
-    return _choice(name, raw.upper(), LOG_LEVELS)
+    return _choice(name, raw, raw.upper(), LOG_LEVELS)
 
 
 def _log_format(name: str, raw: str) -> str:
-    return _choice(name, raw.lower(), LOG_FORMATS)
+    return _choice(name, raw, raw.lower(), LOG_FORMATS)
 
 
-def _choice(name: str, value: str, choices: Sequence[str]) -> str:
+def _choice(name: str, raw: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise _invalid(name, value, f"one of {', '.join(choices)}")
+        raise _invalid(name, raw, f"one of {', '.join(choices)}")
     return value
 
 
