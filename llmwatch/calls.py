@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx2
+import openai
 
 from llmwatch.errors import ApiError, ConfigError
 from llmwatch.metrics import Metrics
@@ -359,7 +360,8 @@ class StreamCall:
                         yield content
         except ApiError:
             raise
-        except httpx2.TimeoutException as exc:
+        except (httpx2.TimeoutException, openai.APITimeoutError) as exc:
+            # openai 3.x raises APITimeoutError for a read timeout mid-stream.
             raise ApiError(
                 504,
                 "timeout",
