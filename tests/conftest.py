@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmwatch.app import create_app
@@ -19,6 +21,10 @@ TEST_API_KEY = "sk-test-0123456789abcdef"
 
 AppClient = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[AppClient]]
+MakeSimulator = Callable[..., Awaitable[str]]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+# A server-sent event of /ask: its name and its JSON data.
+Event = tuple[str, dict[str, Any]]
 
 
 @pytest.fixture
@@ -27,6 +33,36 @@ async def simulator_url(aiohttp_server: Any) -> str:
     app = create_simulator_app(SimulatorConfig(ttft_s=0.0, token_delay_s=0.0))
     server: TestServer = await aiohttp_server(app)
     return str(server.make_url("/v1"))
+
+
+@pytest.fixture
+def make_simulator(aiohttp_server: Any) -> MakeSimulator:
+    """Start another simulated upstream and return its base URL.
+
+    Pass ``calls`` to collect the path of every request the simulator receives.
+    """
+
+    async def make(
+        ttft_s: float = 0.0, token_delay_s: float = 0.0, calls: list[str] | None = None
+    ) -> str:
+        app = create_simulator_app(
+            SimulatorConfig(ttft_s=ttft_s, token_delay_s=token_delay_s)
+        )
+        if calls is not None:
+            app.middlewares.append(_recorder(calls))
+        server: TestServer = await aiohttp_server(app)
+        return str(server.make_url("/v1"))
+
+    return make
+
+
+def _recorder(calls: list[str]) -> Middleware:
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        calls.append(request.path)
+        return await handler(request)
+
+    return record
 
 
 @pytest.fixture
@@ -86,6 +122,21 @@ def sample(
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum the samples named ``name`` whose labels include ``labels``."""
+    required = set(labels.items())
+    return sum(
+        value
+        for (sample_name, sample_labels), value in samples.items()
+        if sample_name == name and required <= sample_labels
+    )
+
+
+def label_values(samples: Samples, label: str) -> set[str]:
+    """Return every value that ``label`` takes in any sample."""
+    return {value for _, labels in samples for key, value in labels if key == label}
+
+
 async def scrape(
     client: AppClient,
 ) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -93,3 +144,21 @@ async def scrape(
     response = await client.get("/metrics")
     assert response.status == 200
     return parse_metrics(await response.text())
+
+
+def parse_event(frame: str) -> Event:
+    """Split one server-sent event into its name and its JSON data."""
+    name = ""
+    data = ""
+    for line in frame.strip("\n").split("\n"):
+        field, _, value = line.partition(": ")
+        if field == "event":
+            name = value
+        elif field == "data":
+            data += value
+    return name, json.loads(data)
+
+
+def parse_events(text: str) -> list[Event]:
+    """Parse a whole event stream."""
+    return [parse_event(frame) for frame in text.split("\n\n") if frame.strip()]
