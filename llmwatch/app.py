@@ -66,9 +66,9 @@ def create_app(settings: Settings | None = None) -> web.Application:
             swagger_path="/api/docs",
             error_callback=validation_error,
             in_place=True,
-            # aiohttp warns once for each plain string request key; apigami
-            # only uses this name as a key, so a RequestKey works and keeps
-            # the first request from printing that warning.
+            # aiohttp warns once for each plain string request key. apigami
+            # only uses this name as a key, so a RequestKey works and the
+            # first request prints no warning.
             request_data_name=REQUEST_DATA,  # type: ignore[arg-type]
         )
     return app

@@ -32,7 +32,7 @@ def _check_content(value: Any) -> None:
 
 
 class JsonBoolean(fields.Boolean):
-    """A boolean sent as JSON true or false; "yes", "1" or 1 are invalid."""
+    """A boolean that must be JSON true or false, so "yes", "1" and 1 are invalid."""
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
         if not isinstance(value, bool):
@@ -41,7 +41,7 @@ class JsonBoolean(fields.Boolean):
 
 
 class JsonNumber(fields.Float):
-    """A number sent as a JSON number; a string such as "0.7" is invalid."""
+    """A number that must be a JSON number, so a string such as "0.7" is invalid."""
 
     def _deserialize(
         self, value: Any, attr: Any, data: Any, **kwargs: Any

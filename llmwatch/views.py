@@ -32,8 +32,8 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 TRACKER = web.AppKey("tracker", CallTracker)
 UPSTREAM_URL = web.AppKey("upstream_url", str)
-# The validated body of /ask; its name is the request_data_name given to
-# aiohttp-apigami, whose validation middleware stores the body under it.
+# The validated body of /ask, which aiohttp-apigami's validation middleware
+# stores under this key, given to it as request_data_name.
 REQUEST_DATA = web.RequestKey("data", dict)
 # Requests to these paths are LLM requests: each failure is counted.
 TRACKED_PATHS = frozenset({"/ask"})
