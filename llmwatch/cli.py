@@ -1,4 +1,4 @@
-"""The llmwatch command line: serve, simulate."""
+"""The llmwatch command line: serve, simulate, batch."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from aiohttp import web
 from dotenv import load_dotenv
 
 from llmwatch import __version__
+from llmwatch.batch import add_batch_options, run_batch
 from llmwatch.config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -25,7 +26,7 @@ from llmwatch.logs import setup_logging
 logger = logging.getLogger(__name__)
 
 Command = Callable[[argparse.Namespace, Settings], int]
-COMMANDS = ("serve", "simulate")
+COMMANDS = ("serve", "simulate", "batch")
 
 
 def _buckets(raw: str) -> tuple[float, ...]:
@@ -104,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", choices=LOG_FORMATS, help="log format (LLMWATCH_LOG_FORMAT)"
     )
     simulate.set_defaults(handler=run_simulate)
+
+    batch = commands.add_parser(
+        "batch",
+        help="send the requests of a JSON Lines file and push the metrics",
+        description="Send each request of a JSON Lines file upstream, write one "
+        "result line per request, and push the metrics to a Prometheus "
+        "Pushgateway. Exit status: 0 if every request succeeded, 1 if any failed, "
+        "2 for a usage or configuration error, 128 plus the signal number after "
+        "SIGINT or SIGTERM. See docs/push-mode.md.",
+    )
+    add_batch_options(batch)
+    add_common_options(batch)
+    batch.set_defaults(handler=run_batch)
     return parser
 
 
