@@ -83,7 +83,13 @@ def pushgateway(workdir: Path) -> Iterator[str]:
     binary = find_binary(*PUSHGATEWAY_NAMES)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = [binary, f"--web.listen-address=127.0.0.1:{port}"]
+    # An empty persistence file keeps the groups in memory only; Debian's
+    # binary otherwise loads and saves /var/lib/prometheus/pushgateway.data.
+    args = [
+        binary,
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--persistence.file=",
+    ]
     with run_binary(args, f"{url}/-/ready", workdir / "pushgateway.log"):
         yield url
 
