@@ -30,7 +30,6 @@ from typing import Any
 import pytest
 import yaml
 from external import free_port, prometheus, pushgateway, wait_ready
-from prometheus_client import delete_from_gateway
 
 from llmwatch.pricing import default_prices_path
 
@@ -411,9 +410,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             before_ms=before_ms,
             after_ms=after_ms,
         )
-        # Debian's Pushgateway persists its groups to a file shared by every
-        # instance on the machine, so remove the test's group before it stops.
-        delete_from_gateway(pushgateway_url, job=BATCH_JOB)
 
 
 def dashboard_panels() -> list[dict[str, Any]]:
