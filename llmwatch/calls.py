@@ -252,6 +252,8 @@ class CallTracker:
         error.counted = True
         self.metrics.requests.labels(model).inc()
         self.metrics.record_error(model, error.error_type)
+        if error.upstream_retries:
+            self.metrics.retries.labels(model).inc(error.upstream_retries)
         if error.upstream_headers:
             self._record_rate_limits(
                 model, RateLimits.from_headers(error.upstream_headers)

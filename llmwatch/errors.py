@@ -23,7 +23,8 @@ class ApiError(LlmwatchError):
 
     ``error_type`` is one of ``metrics.ERROR_TYPES``. ``headers`` go to the
     client (Retry-After); ``upstream_headers`` are the failed upstream
-    response's, kept for its rate-limit figures. ``counted`` is true once
+    response's, kept for its rate-limit figures, and ``upstream_retries`` the
+    retries the OpenAI client made before giving up. ``counted`` is true once
     the failure has been added to ``llm_errors_total``, so that no layer counts
     a request twice.
     """
@@ -38,6 +39,7 @@ class ApiError(LlmwatchError):
         details: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         upstream_headers: dict[str, str] | None = None,
+        upstream_retries: int = 0,
         counted: bool = False,
     ) -> None:
         super().__init__(message)
@@ -48,6 +50,7 @@ class ApiError(LlmwatchError):
         self.details = details
         self.headers = headers or {}
         self.upstream_headers = upstream_headers or {}
+        self.upstream_retries = upstream_retries
         self.counted = counted
 
     def to_dict(self) -> dict[str, Any]:

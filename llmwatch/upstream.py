@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 # The simulated upstream takes any key, but the OpenAI client requires one.
 SIMULATOR_API_KEY = "simulated-upstream"
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
 
 
 @dataclass
@@ -179,6 +180,11 @@ def upstream_error(exc: openai.OpenAIError) -> ApiError:
     error = _map_error(exc)
     if isinstance(exc, openai.APIStatusError):
         error.upstream_headers = dict(exc.response.headers)
+    if isinstance(exc, openai.APIError):
+        # The SDK numbers each attempt in this header of the request it sent,
+        # so the last request tells how many retries came before the failure.
+        retry_count = exc.request.headers.get(RETRY_COUNT_HEADER, "0")
+        error.upstream_retries = int(retry_count) if retry_count.isdigit() else 0
     return error
 
 

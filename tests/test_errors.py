@@ -151,6 +151,20 @@ async def test_retry_then_success(make_client: MakeClient) -> None:
     assert total(samples, "llm_errors_total") == 0
 
 
+async def test_retries_counted_on_failure(make_client: MakeClient) -> None:
+    client = await make_client(max_retries=2)
+
+    status, error, samples = await ask_error(
+        client, {"prompt": "Hello #fault=server_error"}
+    )
+
+    assert status == 502
+    assert error["type"] == "upstream_error"
+    assert sample(samples, "llm_upstream_retries_total", **MINI) == 2
+    assert sample(samples, "llm_errors_total", type="upstream_error", **MINI) == 1
+    assert sample(samples, "llm_requests_total", **MINI) == 1
+
+
 async def test_invalid_json(make_client: MakeClient) -> None:
     client = await make_client()
 
