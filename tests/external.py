@@ -58,6 +58,16 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30) 
     raise RuntimeError(f"{url} did not become ready within {timeout} s")
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Terminate ``process`` and wait for it, killing it after 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextmanager
 def run_binary(
     args: Sequence[str], ready_url: str, log_path: Path
@@ -69,12 +79,7 @@ def run_binary(
             wait_ready(ready_url, process)
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from conftest import Samples, parse_metrics
-from external import PUSHGATEWAY_NAMES, find_binary, free_port
+from external import PUSHGATEWAY_NAMES, find_binary, free_port, stop_process
 
 
 @contextmanager
@@ -52,12 +52,7 @@ def memory_pushgateway(
             _wait_ready(f"{url}/-/ready", process, context, auth)
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def _wait_ready(

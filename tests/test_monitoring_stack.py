@@ -29,7 +29,13 @@ from typing import Any
 
 import pytest
 import yaml
-from external import free_port, prometheus, pushgateway, wait_ready
+from external import (
+    free_port,
+    prometheus,
+    pushgateway,
+    stop_process,
+    wait_ready,
+)
 
 from llmwatch.pricing import default_prices_path
 
@@ -226,12 +232,7 @@ def llmwatch_service(workdir: Path) -> Iterator[str]:
             wait_ready(f"{url}/healthz", process)
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def loopback_config(llmwatch_target: str, pushgateway_target: str) -> dict[str, Any]:
