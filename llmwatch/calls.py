@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class AskResult:
-    """The answer to one request, with its tokens, cost and timings."""
+    """Result of one request: the answer text, its tokens, cost and timings."""
 
     model: str
     answer: str
@@ -47,7 +47,7 @@ class AskResult:
     usage_missing: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the result as the JSON object /ask answers with."""
+        """Return the result as the JSON body of an /ask response."""
         return asdict(self)
 
 

@@ -46,7 +46,7 @@ class Settings:
 
     @property
     def simulated(self) -> bool:
-        """True when no API key is set, so the built-in simulator answers."""
+        """True when no API key is set, so requests go to the built-in simulator."""
         return not self.api_key
 
     def with_overrides(self, **overrides: Any) -> Settings:

@@ -2,7 +2,7 @@
 
 LlmwatchError
  +-- ConfigError         a setting or the price table is invalid; stops start-up
- +-- ApiError            a request failed; the service answers it as JSON
+ +-- ApiError            a request failed; the service returns it as JSON
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ApiError(LlmwatchError):
         self.counted = counted
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the JSON body the service answers with."""
+        """Return the JSON body of the error response."""
         body: dict[str, Any] = {"type": self.error_type, "message": self.message}
         if self.field is not None:
             body["field"] = self.field

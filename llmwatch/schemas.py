@@ -127,7 +127,7 @@ class AskRequestSchema(Schema):
 
 
 class AskResponseSchema(Schema):
-    """The answer of POST /ask (also the summary event of a stream)."""
+    """Response body of POST /ask, also sent as the summary event of a stream."""
 
     model = fields.String(metadata={"description": "Base model name."})
     answer = fields.String()
@@ -163,7 +163,7 @@ class AskResponseSchema(Schema):
 
 
 class ErrorDetailSchema(Schema):
-    """What failed and what to do."""
+    """Error type, message and the request field at fault."""
 
     type = fields.String(metadata={"description": "The llm_errors_total type."})
     message = fields.String()
@@ -178,7 +178,7 @@ class ErrorSchema(Schema):
 
 
 class HealthSchema(Schema):
-    """The answer of GET /healthz."""
+    """Response body of GET /healthz."""
 
     status = fields.String()
     upstream = fields.String(metadata={"description": "simulated or openai."})

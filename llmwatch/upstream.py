@@ -64,7 +64,7 @@ class RateLimits:
 
 @dataclass
 class UpstreamReply:
-    """What the upstream returned for one non-streamed completion."""
+    """Upstream response to one non-streamed completion, with its headers."""
 
     completion: ChatCompletion
     request_id: str | None
@@ -176,13 +176,13 @@ class UpstreamClient:
 
 
 def upstream_error(exc: openai.OpenAIError) -> ApiError:
-    """Map an OpenAI SDK error to the status and error type llmwatch answers."""
+    """Map an OpenAI SDK error to llmwatch's HTTP status and error type."""
     error = _map_error(exc)
     if isinstance(exc, openai.APIStatusError):
         error.upstream_headers = dict(exc.response.headers)
     if isinstance(exc, openai.APIError):
         # The SDK numbers each attempt in this header of the request it sent,
-        # so the last request tells how many retries came before the failure.
+        # so the last request shows how many retries came before the failure.
         retry_count = exc.request.headers.get(RETRY_COUNT_HEADER, "0")
         error.upstream_retries = int(retry_count) if retry_count.isdigit() else 0
     return error

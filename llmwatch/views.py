@@ -142,7 +142,7 @@ async def metrics(request: web.Request) -> web.Response:
 @docs(
     tags=["monitoring"],
     summary="Liveness",
-    description="Answers 200 while the service runs, naming its upstream.",
+    description="Returns 200 while the service runs, naming its upstream.",
 )
 @response_schema(HealthSchema, 200)
 async def healthz(request: web.Request) -> web.Response:
