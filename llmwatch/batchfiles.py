@@ -13,7 +13,12 @@ from typing import IO, Any
 from marshmallow import RAISE, ValidationError, fields, pre_load
 
 from llmwatch.errors import ApiError, ConfigError
-from llmwatch.schemas import AskRequestSchema
+from llmwatch.schemas import (
+    AskRequestSchema,
+    JsonBodyError,
+    decode_json,
+    invalid_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +91,9 @@ def _parse_line(
     answered: set[str],
 ) -> InputLine:
     try:
-        body = json.loads(raw)
-    except UnicodeDecodeError:
-        return _invalid(number, number, "The line is not UTF-8 encoded text.")
-    except json.JSONDecodeError as exc:
-        return _invalid(number, number, f"The line is not valid JSON: {exc.msg}.")
+        body = decode_json(raw)
+    except JsonBodyError as exc:
+        return _invalid(number, number, f"The line is invalid: {exc}.")
     if not isinstance(body, dict):
         return _invalid(number, number, "The line must be a JSON object.")
 
@@ -119,11 +122,7 @@ def _parse_line(
     try:
         data = schema.load(body)
     except ValidationError as exc:
-        # Imported here because the session module loads the OpenAI client,
-        # which ``llmwatch --help`` does not need.
-        from llmwatch.session import invalid_request
-
-        return InputLine(number, item_id, error=invalid_request(exc))
+        return InputLine(number, item_id, error=invalid_request(exc.messages))
     data.pop("id", None)
     return InputLine(number, item_id, fields=data)
 

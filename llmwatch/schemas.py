@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterator
 from typing import Any
 
 from marshmallow import (
@@ -13,7 +16,45 @@ from marshmallow import (
     validates_schema,
 )
 
+from llmwatch.errors import ApiError
+
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+# A JSON \uXXXX escape of a UTF-16 surrogate, the only way a JSON text can
+# carry a code point that has no UTF-8 encoding.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class JsonBodyError(ValueError):
+    """A request body or input line that is not a JSON document llmwatch takes."""
+
+
+def decode_json(raw: bytes) -> Any:
+    """Parse UTF-8 JSON, raising JsonBodyError with a reason a user can act on.
+
+    Besides syntax errors this rejects a byte-order mark, nesting too deep
+    for the parser, and lone surrogates, which the upstream cannot encode.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise JsonBodyError("it is not UTF-8 encoded text") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JsonBodyError(
+            f"it is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise JsonBodyError("its JSON is nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise JsonBodyError(
+                "it contains a lone UTF-16 surrogate escape such as \\ud800, "
+                "which is not valid Unicode text"
+            ) from None
+    return value
 
 
 def _check_content(value: Any) -> None:
@@ -25,6 +66,11 @@ def _check_content(value: Any) -> None:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise ValidationError(
                     'Each content part must be an object with a "type", such as '
+                    '{"type": "text", "text": "..."}.'
+                )
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise ValidationError(
+                    'A part of type "text" needs a "text" string, such as '
                     '{"type": "text", "text": "..."}.'
                 )
         return
@@ -184,3 +230,47 @@ class HealthSchema(Schema):
     upstream = fields.String(metadata={"description": "simulated or openai."})
     base_url = fields.String(allow_none=True)
     version = fields.String()
+
+
+def invalid_request(messages: Any, hint: str = "") -> ApiError:
+    """Turn marshmallow's error messages into a 422 naming the first bad field.
+
+    Nested fields are named by path, such as ``messages[0].role``.
+    """
+    if not isinstance(messages, dict):
+        messages = {"body": messages}
+    problems = dict(_field_problems(messages))
+    field = next(iter(problems), "body")
+    summary = "; ".join(f"{name}: {text}" for name, text in problems.items())
+    return ApiError(
+        422,
+        "invalid_request",
+        f"Invalid request body: {summary}. {hint}".rstrip(),
+        field=field,
+        details=messages,
+    )
+
+
+def _field_problems(messages: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """Yield (field path, message) pairs such as ("messages[0].role", "...")."""
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            if key == "_schema":
+                name = path or "body"
+            elif isinstance(key, int):
+                name = f"{path}[{key}]"
+            else:
+                name = f"{path}.{key}" if path else str(key)
+            yield from _field_problems(value, name)
+        return
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        text = " ".join(m.rstrip(".") + "." for m in messages).rstrip(".")
+        if text == "Invalid input type" and path in ("", "body"):
+            text = "Expected a JSON object"
+        yield path or "body", text
+        return
+    if isinstance(messages, list):
+        for item in messages:
+            yield from _field_problems(item, path)
+        return
+    yield path or "body", str(messages).rstrip(".")

@@ -31,7 +31,7 @@ from llmwatch.push import (
     RunMetrics,
     check_push_options,
 )
-from llmwatch.schemas import AskRequestSchema
+from llmwatch.schemas import AskRequestSchema, invalid_request
 from llmwatch.upstream import SIMULATOR_API_KEY, ChatRequest, UpstreamClient, usage_from
 
 logger = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class BatchSession:
         try:
             data = AskRequestSchema().load(body)
         except ValidationError as exc:
-            raise self._fail_unknown_model(invalid_request(exc)) from None
+            raise self._fail_unknown_model(invalid_request(exc.messages)) from None
         try:
             upstream_name, label = tracker.resolve_model(data.get("model"))
         except ApiError as exc:
@@ -268,10 +268,12 @@ class BatchSession:
         inconsistent numbers.
         """
         tracker = self._require_entered()
+        _check_timings(latency_s, time_to_first_token_s)
+        # Usage checks its own counts, so an OpenAI usage object with
+        # negative or inconsistent counts raises ValueError here.
         counts = (
             usage if isinstance(usage, Usage) or usage is None else usage_from(usage)
         )
-        _check_call(counts, latency_s, time_to_first_token_s)
         result = tracker.record(
             model,
             counts,
@@ -368,35 +370,7 @@ class BatchSession:
         return error
 
 
-def invalid_request(error: ValidationError) -> ApiError:
-    """Turn a schema error into the 422 ApiError that /ask responds with."""
-    messages = error.messages if isinstance(error.messages, dict) else {}
-    field = next(iter(messages), "body")
-    if field == "_schema":
-        field = "body"
-    problems = "; ".join(
-        f"{name}: {_flatten(text)}" for name, text in messages.items()
-    ) or _flatten(error.messages)
-    return ApiError(
-        422,
-        "invalid_request",
-        f"Invalid request: {problems.rstrip('.')}.",
-        field=field,
-        details=messages or None,
-    )
-
-
-def _flatten(messages: Any) -> str:
-    if isinstance(messages, list):
-        return " ".join(_flatten(m) for m in messages)
-    if isinstance(messages, dict):
-        return "; ".join(f"{k}: {_flatten(v)}" for k, v in messages.items())
-    return str(messages)
-
-
-def _check_call(
-    usage: Usage | None, latency_s: float, time_to_first_token_s: float | None
-) -> None:
+def _check_timings(latency_s: float, time_to_first_token_s: float | None) -> None:
     if not math.isfinite(latency_s) or latency_s < 0:
         raise ValueError(f"invalid latency_s={latency_s!r}: expected seconds >= 0")
     if time_to_first_token_s is not None and not (
@@ -405,21 +379,6 @@ def _check_call(
         raise ValueError(
             f"invalid time_to_first_token_s={time_to_first_token_s!r}: expected "
             f"0 to latency_s ({latency_s})"
-        )
-    if usage is None:
-        return
-    for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
-        if getattr(usage, name) < 0:
-            raise ValueError(f"invalid {name}={getattr(usage, name)}: expected >= 0")
-    if not 0 <= usage.cached_tokens <= usage.prompt_tokens:
-        raise ValueError(
-            f"invalid cached_tokens={usage.cached_tokens}: they are part of "
-            f"prompt_tokens ({usage.prompt_tokens})"
-        )
-    if not 0 <= usage.reasoning_tokens <= usage.completion_tokens:
-        raise ValueError(
-            f"invalid reasoning_tokens={usage.reasoning_tokens}: they are part of "
-            f"completion_tokens ({usage.completion_tokens})"
         )
 
 

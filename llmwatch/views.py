@@ -23,6 +23,9 @@ from llmwatch.schemas import (
     AskResponseSchema,
     ErrorSchema,
     HealthSchema,
+    JsonBodyError,
+    decode_json,
+    invalid_request,
 )
 from llmwatch.upstream import ChatRequest
 
@@ -35,7 +38,7 @@ UPSTREAM_URL = web.AppKey("upstream_url", str)
 # The validated body of /ask, which aiohttp-apigami's validation middleware
 # stores under this key, given to it as request_data_name.
 REQUEST_DATA = web.RequestKey("data", dict)
-# Requests to these paths are LLM requests: each failure is counted.
+# POST requests to these paths are LLM requests: each failure is counted.
 TRACKED_PATHS = frozenset({"/ask"})
 MODEL_LABEL = web.RequestKey("llmwatch.model_label", str)
 
@@ -172,29 +175,11 @@ def validation_error(
         # webargs nests errors under the request location; drop that level.
         nested: Any = next(iter(messages.values()), {})
         messages = nested if isinstance(nested, dict) else {"body": nested}
-    if not isinstance(messages, dict):
-        messages = {"body": messages}
-    field = next(iter(messages), "body")
-    if field == "_schema":
-        field = "body"
-    problems = "; ".join(
-        f"{name}: {_flatten(text).rstrip('.')}" for name, text in messages.items()
-    )
-    raise ApiError(
-        422,
-        "invalid_request",
-        f"Invalid request body: {problems}. See /api/docs for the fields of /ask.",
-        field=field,
-        details=messages,
-    )
+    raise invalid_request(messages, "See /api/docs for the fields of /ask.")
 
 
-def _flatten(messages: Any) -> str:
-    if isinstance(messages, list):
-        return " ".join(_flatten(m) for m in messages)
-    if isinstance(messages, dict):
-        return "; ".join(f"{k}: {_flatten(v)}" for k, v in messages.items())
-    return str(messages)
+def _is_llm_request(request: web.Request) -> bool:
+    return request.method == "POST" and request.path in TRACKED_PATHS
 
 
 @web.middleware
@@ -202,7 +187,7 @@ async def json_body_middleware(
     request: web.Request, handler: Handler
 ) -> web.StreamResponse:
     """Reject a POST body that is not JSON with a message saying why."""
-    if request.method != "POST" or request.path not in TRACKED_PATHS:
+    if not _is_llm_request(request):
         return await handler(request)
     if request.content_type != "application/json":
         raise ApiError(
@@ -212,19 +197,13 @@ async def json_body_middleware(
             "body with 'Content-Type: application/json'.",
             field="Content-Type",
         )
-    body = await request.read()
     try:
-        json.loads(body)
-    except UnicodeDecodeError:
-        raise ApiError(
-            400, "invalid_request", "The body is not UTF-8 encoded JSON.", field="body"
-        ) from None
-    except json.JSONDecodeError as exc:
+        decode_json(await request.read())
+    except JsonBodyError as exc:
         raise ApiError(
             400,
             "invalid_request",
-            f"The body is not valid JSON: {exc.msg} at line {exc.lineno} column "
-            f"{exc.colno}.",
+            f"The request body is invalid: {exc}. Send one UTF-8 JSON object.",
             field="body",
         ) from None
     return await handler(request)
@@ -252,7 +231,7 @@ async def error_middleware(
             "internal_error",
             "llmwatch failed to handle the request; see its log for the traceback.",
         )
-    if request.path in TRACKED_PATHS:
+    if _is_llm_request(request):
         model = request.get(MODEL_LABEL, UNKNOWN_MODEL)
         request.app[TRACKER].record_failure(model, error)
     return web.json_response(

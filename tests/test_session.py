@@ -256,21 +256,21 @@ async def test_record_foreign_calls(make_settings: MakeSettings) -> None:
 
 
 @pytest.mark.parametrize(
-    ("usage", "latency_s", "message"),
+    ("counts", "latency_s", "message"),
     [
-        (Usage(prompt_tokens=-1), 1.0, "prompt_tokens"),
-        (Usage(prompt_tokens=10, cached_tokens=11), 1.0, "cached_tokens"),
-        (Usage(completion_tokens=5, reasoning_tokens=6), 1.0, "reasoning_tokens"),
-        (Usage(), -0.1, "latency_s"),
-        (Usage(), float("inf"), "latency_s"),
+        ({"prompt_tokens": -1}, 1.0, "prompt_tokens"),
+        ({"prompt_tokens": 10, "cached_tokens": 11}, 1.0, "cached_tokens"),
+        ({"completion_tokens": 5, "reasoning_tokens": 6}, 1.0, "reasoning_tokens"),
+        ({}, -0.1, "latency_s"),
+        ({}, float("inf"), "latency_s"),
     ],
 )
 async def test_record_rejects_invalid_numbers(
-    usage: Usage, latency_s: float, message: str, make_settings: MakeSettings
+    counts: dict[str, int], latency_s: float, message: str, make_settings: MakeSettings
 ) -> None:
     async with BatchSession(settings=make_settings()) as session:
         with pytest.raises(ValueError, match=message):
-            session.record("gpt-4o", usage, latency_s)
+            session.record("gpt-4o", Usage(**counts), latency_s)
 
     samples = registry_samples(session)
     assert sample(samples, "llm_requests_total", model="gpt-4o") == 0
