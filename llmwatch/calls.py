@@ -145,9 +145,15 @@ class CallTracker:
 
         completion = reply.completion
         choice = completion.choices[0] if completion.choices else None
+        try:
+            usage = usage_from(completion.usage)
+        except ValueError as exc:
+            error = _impossible_usage(exc)
+            self.record_failure(label, error, latency)
+            raise error from exc
         return self.record(
-            label,
-            usage_from(completion.usage),
+            request.model,
+            usage,
             latency,
             answer=(choice.message.content or "") if choice else "",
             finish_reason=choice.finish_reason if choice else None,
@@ -178,7 +184,8 @@ class CallTracker:
         """Record one successful call and return its result with its cost.
 
         Also the entry point for calls made without llmwatch's client: pass
-        the model, the usage and the latency measured elsewhere.
+        the model, the usage and the latency measured elsewhere. ``model`` may
+        be a snapshot name; metrics count it under its base name.
         """
         label = self.served_name(model) or base_model_name(model)
         metrics = self.metrics
@@ -192,7 +199,9 @@ class CallTracker:
             )
             metrics.usage_missing.labels(label).inc()
             usage = Usage()
-        cost = self.prices.cost(label, usage)
+        # A snapshot with its own entry in the price table keeps its price;
+        # other snapshots are priced as their base model.
+        cost = self.prices.cost(model, usage)
 
         metrics.requests.labels(label).inc()
         metrics.tokens.labels(label, "prompt").inc(usage.prompt_tokens)
@@ -278,6 +287,15 @@ class CallTracker:
             self.metrics.ratelimit_limit.labels(model, resource).set(value)
 
 
+def _impossible_usage(exc: ValueError) -> ApiError:
+    return ApiError(
+        502,
+        "upstream_error",
+        f"The upstream reported impossible token usage: {exc}. Nothing was "
+        "recorded for this call.",
+    )
+
+
 def _disconnected() -> ApiError:
     return ApiError(
         499, "client_disconnected", "The client disconnected before the answer."
@@ -310,10 +328,15 @@ class StreamCall:
             self.tracker.metrics.in_flight.dec()
             self.tracker.record_failure(self.label, exc, self._elapsed())
             raise
-        except BaseException:
+        except asyncio.CancelledError:
             self.tracker.metrics.in_flight.dec()
             self.tracker.record_failure(self.label, _disconnected(), self._elapsed())
             raise
+        except Exception as exc:
+            self.tracker.metrics.in_flight.dec()
+            error = ApiError(500, "internal_error", f"Streaming failed: {exc!r}.")
+            self.tracker.record_failure(self.label, error, self._elapsed())
+            raise error from exc
         return self
 
     async def __aexit__(
@@ -376,9 +399,13 @@ class StreamCall:
                 f"The upstream stream broke off: {exc or type(exc).__name__}.",
             ) from exc
 
+        try:
+            checked_usage = usage_from(usage)
+        except ValueError as exc:
+            raise _impossible_usage(exc) from exc
         self.result = self.tracker.record(
-            self.label,
-            usage_from(usage),
+            self.request.model,
+            checked_usage,
             self._elapsed(),
             answer="".join(parts),
             finish_reason=finish_reason,

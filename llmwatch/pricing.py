@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -19,7 +20,9 @@ logger = logging.getLogger(__name__)
 PRICE_FIELDS = ("input", "cached_input", "output")
 # A dated snapshot is a base name plus -YYYY-MM-DD (gpt-4o-mini-2024-07-18) or
 # the older -MMDD form (gpt-4-0613).
-_SNAPSHOT_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
+_SNAPSHOT_SUFFIX = re.compile(
+    r"-(\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])|(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01]))$"
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,27 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "prompt_tokens",
+            "completion_tokens",
+            "cached_tokens",
+            "reasoning_tokens",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} is not a token count")
+        if self.cached_tokens > self.prompt_tokens:
+            raise ValueError(
+                f"cached_tokens={self.cached_tokens} exceeds "
+                f"prompt_tokens={self.prompt_tokens}"
+            )
+        if self.reasoning_tokens > self.completion_tokens:
+            raise ValueError(
+                f"reasoning_tokens={self.reasoning_tokens} exceeds "
+                f"completion_tokens={self.completion_tokens}"
+            )
 
 
 def base_model_name(name: str) -> str:
@@ -153,9 +177,10 @@ def _parse_price(name: str, entry: Any, origin: str) -> ModelPrice:
                 f"price table {origin}: {name}.{field}={value!r} must be a number "
                 "of US dollars"
             )
-        if value < 0:
+        if not math.isfinite(value) or value < 0:
             raise ConfigError(
-                f"price table {origin}: {name}.{field}={value!r} must not be negative"
+                f"price table {origin}: {name}.{field}={value!r} must be a finite "
+                "number, 0 or more"
             )
         values[field] = Decimal(str(value))
     unknown = set(entry) - set(PRICE_FIELDS)

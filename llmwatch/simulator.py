@@ -114,7 +114,10 @@ MODEL_SNAPSHOTS: dict[str, str] = {
 REASONING_MODELS = frozenset(
     {"o1", "o3", "o3-mini", "o4-mini", "gpt-5", "gpt-5-mini", "gpt-5-nano"}
 )
+# Older snapshots still served besides the current one, each with its base.
+OLDER_SNAPSHOTS: dict[str, str] = {"gpt-4o-2024-05-13": "gpt-4o"}
 _BASE_NAMES = {snapshot: base for base, snapshot in MODEL_SNAPSHOTS.items()}
+_BASE_NAMES.update(OLDER_SNAPSHOTS)
 
 REASONING_TOKENS_PER_ANSWER_TOKEN = 2
 CACHE_MIN_PROMPT_TOKENS = 1024
@@ -409,7 +412,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.Response:
     """Handle GET /v1/models: every base name and snapshot, in OpenAI's list shape."""
-    names = [*MODEL_SNAPSHOTS, *MODEL_SNAPSHOTS.values()]
+    names = [*MODEL_SNAPSHOTS, *MODEL_SNAPSHOTS.values(), *OLDER_SNAPSHOTS]
     return web.json_response(
         {"object": "list", "data": [_model_object(name) for name in names]}
     )

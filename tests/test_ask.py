@@ -328,3 +328,25 @@ async def test_model_snapshot_uses_base_name(
     assert body["cost_usd"] == pytest.approx(expected_cost, rel=1e-9)
     assert sample(samples, "llm_requests_total", model=base) == 1
     assert snapshot not in label_values(samples, "model")
+
+
+async def test_snapshot_with_own_price(make_client: MakeClient) -> None:
+    client = await make_client()
+
+    response = await client.post(
+        "/ask", json={"prompt": "Hi", "model": "gpt-4o-2024-05-13"}
+    )
+    body = await response.json()
+    samples = await scrape(client)
+
+    assert response.status == 200
+    assert body["model"] == "gpt-4o"
+    assert body["prompt_tokens"] == 7
+    assert body["completion_tokens"] == 20
+    # This snapshot has its own entry: 7 x $5/1M + 20 x $15/1M, not gpt-4o's
+    # $2.50 and $10.
+    assert body["cost_usd"] == pytest.approx(0.000335)
+    assert sample(samples, "llm_cost_usd_total", model="gpt-4o") == pytest.approx(
+        0.000335
+    )
+    assert "gpt-4o-2024-05-13" not in label_values(samples, "model")

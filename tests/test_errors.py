@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from aiohttp import web
 from conftest import (
     TEST_API_KEY,
     AppClient,
@@ -197,6 +198,41 @@ async def test_body_not_utf8(make_client: MakeClient) -> None:
     assert "UTF-8" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("data", "mentioned"),
+    [
+        pytest.param(
+            b'{"prompt": "Hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "nested too deeply",
+            id="deep-nesting",
+        ),
+        pytest.param(
+            b'{"prompt": "\\ud800"}', "lone UTF-16 surrogate", id="lone-surrogate"
+        ),
+        pytest.param(b'\xef\xbb\xbf{"prompt": "Hi"}', "Unexpected UTF-8 BOM", id="bom"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_body_not_acceptable_json(
+    make_client: MakeClient, data: bytes, mentioned: str, stream: bool
+) -> None:
+    client = await make_client()
+    if stream and data.startswith(b"{"):
+        data = data.replace(b'{"prompt"', b'{"stream": true, "prompt"', 1)
+
+    status, error, samples = await ask_error(
+        client, data=data, headers={"Content-Type": "application/json"}
+    )
+
+    assert status == 400
+    assert error["field"] == "body"
+    assert mentioned in error["message"]
+    assert sample(samples, "llm_errors_total", **UNKNOWN_INVALID) == 1
+    assert total(samples, "llm_errors_total") == 1
+    assert total(samples, "llm_requests_total") == 1
+    await assert_still_serving(client, samples)
+
+
 MESSAGE = {"role": "user", "content": "Hi"}
 
 
@@ -209,18 +245,27 @@ MESSAGE = {"role": "user", "content": "Hi"}
         pytest.param({"messages": []}, "messages", "messages", id="messages-empty"),
         pytest.param(
             {"messages": [{"role": "wizard", "content": "Hi"}]},
-            "messages",
+            "messages[0].role",
             "role",
             id="bad-role",
         ),
         pytest.param(
-            {"messages": [{"role": "user"}]}, "messages", "content", id="no-content"
+            {"messages": [{"role": "user"}]},
+            "messages[0].content",
+            "content",
+            id="no-content",
         ),
         pytest.param(
             {"messages": [{**MESSAGE, "mood": "calm"}]},
-            "messages",
+            "messages[0].mood",
             "mood",
             id="message-unknown-field",
+        ),
+        pytest.param(
+            {"messages": [MESSAGE, {"role": "user", "content": [{"type": "text"}]}]},
+            "messages[1].content",
+            '"text" string',
+            id="text-part-without-text",
         ),
         pytest.param(
             {"messages": [MESSAGE], "prompt": "Hi"}, "prompt", "prompt", id="both"
@@ -274,7 +319,7 @@ MESSAGE = {"role": "user", "content": "Hi"}
             {"prompt": "Hi", "stream": "yes"}, "stream", "stream", id="stream-str"
         ),
         pytest.param({"prompt": "Hi", "stream": 1}, "stream", "stream", id="stream-1"),
-        pytest.param(["Hi"], "body", "body", id="not-object"),
+        pytest.param(["Hi"], "body", "Expected a JSON object", id="not-object"),
     ],
 )
 async def test_invalid_field(
@@ -364,8 +409,9 @@ async def test_unknown_route_not_counted(make_client: MakeClient) -> None:
     assert (await missing.json())["error"]["type"] == "invalid_request"
     assert wrong_method.status == 405
     assert "POST" in (await wrong_method.json())["error"]["message"]
-    # Only requests to /ask are LLM requests.
-    assert total(samples, "llm_requests_total") == 1
+    # Only POST requests to /ask are LLM requests.
+    assert total(samples, "llm_requests_total") == 0
+    assert total(samples, "llm_errors_total") == 0
 
 
 async def test_api_key_never_leaks(
@@ -445,3 +491,62 @@ async def test_client_disconnect_plain(make_client: MakeClient) -> None:
     assert total(samples, "llm_errors_total") == 1
     assert total(samples, "llm_requests_total") == 1
     await assert_still_serving(client, samples)
+
+
+def impossible_completion(usage: dict[str, Any]) -> dict[str, Any]:
+    """A chat completion body whose usage no real upstream would send."""
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": usage,
+    }
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        pytest.param(
+            {"prompt_tokens": -5, "completion_tokens": 1, "total_tokens": -4},
+            id="negative",
+        ),
+        pytest.param(
+            {
+                "prompt_tokens": 10,
+                "completion_tokens": 1,
+                "total_tokens": 11,
+                "prompt_tokens_details": {"cached_tokens": 5000},
+            },
+            id="cached-over-prompt",
+        ),
+    ],
+)
+async def test_impossible_usage_is_upstream_error(
+    make_client: MakeClient, aiohttp_server: Any, usage: dict[str, Any]
+) -> None:
+    async def complete(request: web.Request) -> web.Response:
+        return web.json_response(impossible_completion(usage))
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", complete)
+    server = await aiohttp_server(upstream)
+    client = await make_client(base_url=str(server.make_url("/v1")))
+
+    status, error, samples = await ask_error(client, {"prompt": "Hi"})
+
+    assert status == 502
+    assert error["type"] == "upstream_error"
+    assert "impossible token usage" in error["message"]
+    assert sample(samples, "llm_errors_total", type="upstream_error", **MINI) == 1
+    assert total(samples, "llm_errors_total") == 1
+    assert total(samples, "llm_requests_total") == 1
+    assert total(samples, "llm_tokens_total") == 0
+    assert total(samples, "llm_cached_prompt_tokens_total") == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from llmwatch.pricing import ModelPrice, PriceTable, Usage, base_model_name
 CONFIG_PRICES = Path(__file__).resolve().parent.parent / "config" / "prices.yaml"
 SHIPPED_MODELS = {
     "gpt-4o",
+    "gpt-4o-2024-05-13",
     "gpt-4o-mini",
     "gpt-4.1",
     "gpt-4.1-mini",
@@ -116,10 +118,45 @@ def test_per_tokens_setting(tmp_path: Path) -> None:
         ("gpt-4o-mini", "gpt-4o-mini"),
         ("gpt-4o-minix", "gpt-4o-minix"),
         ("gpt-4o-mini-foo", "gpt-4o-mini-foo"),
+        ("gpt-4o-mini-9999-99-99", "gpt-4o-mini-9999-99-99"),
+        ("gpt-4-1399", "gpt-4-1399"),
     ],
 )
 def test_base_model_name(snapshot: str, base: str) -> None:
     assert base_model_name(snapshot) == base
+
+
+def test_snapshot_with_own_price(table: PriceTable) -> None:
+    usage = Usage(prompt_tokens=1_000_000, completion_tokens=1_000_000)
+
+    # The shipped table prices this older snapshot at $5 input and $15
+    # output per 1M tokens, unlike gpt-4o at $2.50 and $10.
+    assert table.cost("gpt-4o-2024-05-13", usage) == 20.0
+    assert table.cost("gpt-4o-2024-08-06", usage) == 12.5
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        pytest.param({"prompt_tokens": -5}, "prompt_tokens=-5", id="negative"),
+        pytest.param(
+            {"prompt_tokens": 10, "cached_tokens": 5000},
+            "cached_tokens=5000 exceeds prompt_tokens=10",
+            id="cached-over-prompt",
+        ),
+        pytest.param(
+            {"completion_tokens": 3, "reasoning_tokens": 4},
+            "reasoning_tokens=4 exceeds completion_tokens=3",
+            id="reasoning-over-completion",
+        ),
+        pytest.param({"completion_tokens": 1.5}, "completion_tokens=1.5", id="float"),
+    ],
+)
+def test_usage_rejects_impossible(fields: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        Usage(**fields)
+
+    assert fragment in str(caught.value)
 
 
 def test_price_of_snapshot(table: PriceTable) -> None:
@@ -188,8 +225,13 @@ GOOD = "  good:\n    input: 1\n    output: 2\n"
         ),
         pytest.param(
             "models:\n" + GOOD + "  bad:\n    input: 1\n    output: -2\n",
-            ["bad.output=-2", "must not be negative"],
+            ["bad.output=-2", "must be a finite number, 0 or more"],
             id="negative",
+        ),
+        pytest.param(
+            "models:\n" + GOOD + "  bad:\n    input: .nan\n    output: 2\n",
+            ["bad.input=nan", "must be a finite number, 0 or more"],
+            id="not-a-number",
         ),
         pytest.param(
             "models:\n" + GOOD + "  bad:\n    input: 1\n",

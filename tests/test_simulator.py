@@ -24,6 +24,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from llmwatch.simtext import build_answer
 from llmwatch.simulator import (
     MODEL_SNAPSHOTS,
+    OLDER_SNAPSHOTS,
     SimulatorConfig,
     count_tokens,
     create_simulator_app,
@@ -421,8 +422,10 @@ async def test_models_listed_and_retrieved(make_openai: MakeOpenAI) -> None:
     model = await client.models.retrieve("o3-mini")
 
     ids = {entry.id for entry in page.data}
-    assert ids == set(MODEL_SNAPSHOTS) | set(MODEL_SNAPSHOTS.values())
-    assert len(page.data) == 24
+    assert ids == set(MODEL_SNAPSHOTS) | set(MODEL_SNAPSHOTS.values()) | set(
+        OLDER_SNAPSHOTS
+    )
+    assert len(page.data) == 25
     assert all(entry.object == "model" for entry in page.data)
     assert all(entry.owned_by == "system" for entry in page.data)
     assert model.id == "o3-mini"
