@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,13 +15,7 @@ from dotenv import load_dotenv
 
 from llmwatch import __version__
 from llmwatch.batch import add_batch_options, run_batch
-from llmwatch.config import (
-    LOG_FORMATS,
-    LOG_LEVELS,
-    Settings,
-    load_settings,
-    parse_buckets,
-)
+from llmwatch.config import LOG_FORMATS, LOG_LEVELS, Settings, load_settings
 from llmwatch.errors import ConfigError
 from llmwatch.logs import setup_logging
 
@@ -29,11 +25,23 @@ Command = Callable[[argparse.Namespace, Settings], int]
 COMMANDS = ("serve", "simulate", "batch")
 
 
-def _buckets(raw: str) -> tuple[float, ...]:
-    try:
-        return parse_buckets("--latency-buckets", raw)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+# Each settings flag and the environment variable it overrides. Flag values
+# are checked by the same rules as the variables.
+FLAG_VARIABLES = {
+    "host": "APP_HOST",
+    "port": "APP_PORT",
+    "base_url": "OPENAI_BASE_URL",
+    "model": "OPENAI_MODEL",
+    "timeout": "OPENAI_TIMEOUT",
+    "max_retries": "OPENAI_MAX_RETRIES",
+    "prices_file": "LLMWATCH_PRICES_FILE",
+    "latency_buckets": "LLMWATCH_LATENCY_BUCKETS",
+    "max_body_bytes": "LLMWATCH_MAX_BODY_BYTES",
+    "log_level": "LLMWATCH_LOG_LEVEL",
+    "log_format": "LLMWATCH_LOG_FORMAT",
+    "ttft": "LLMWATCH_SIM_TTFT",
+    "token_delay": "LLMWATCH_SIM_TOKEN_DELAY",
+}
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -43,19 +51,24 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", help="default model (OPENAI_MODEL)")
     parser.add_argument(
-        "--timeout", type=float, help="upstream timeout, seconds (OPENAI_TIMEOUT)"
+        "--timeout", help="upstream timeout per attempt, seconds (OPENAI_TIMEOUT)"
     )
     parser.add_argument(
-        "--max-retries", type=int, help="upstream retries (OPENAI_MAX_RETRIES)"
+        "--max-retries", help="upstream retries, 0 to 10 (OPENAI_MAX_RETRIES)"
+    )
+    parser.add_argument("--prices-file", help="price table YAML (LLMWATCH_PRICES_FILE)")
+    add_log_options(parser)
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that set the log level and format."""
+    parser.add_argument(
+        "--log-level",
+        help=f"log level: {', '.join(LOG_LEVELS)} (LLMWATCH_LOG_LEVEL)",
     )
     parser.add_argument(
-        "--prices-file", type=Path, help="price table YAML (LLMWATCH_PRICES_FILE)"
-    )
-    parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, help="log level (LLMWATCH_LOG_LEVEL)"
-    )
-    parser.add_argument(
-        "--log-format", choices=LOG_FORMATS, help="log format (LLMWATCH_LOG_FORMAT)"
+        "--log-format",
+        help=f"log format: {', '.join(LOG_FORMATS)} (LLMWATCH_LOG_FORMAT)",
     )
 
 
@@ -70,16 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the service (the default command)")
     serve.add_argument("--host", help="address to listen on (APP_HOST)")
-    serve.add_argument("--port", type=int, help="port to listen on (APP_PORT)")
+    serve.add_argument("--port", help="port to listen on (APP_PORT)")
     serve.add_argument(
         "--latency-buckets",
-        type=_buckets,
         help="latency histogram bounds, seconds, comma-separated "
         "(LLMWATCH_LATENCY_BUCKETS)",
     )
     serve.add_argument(
         "--max-body-bytes",
-        type=int,
         help="largest accepted /ask body, bytes (LLMWATCH_MAX_BODY_BYTES)",
     )
     add_common_options(serve)
@@ -88,22 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser(
         "simulate", help="run only the simulated OpenAI-compatible upstream"
     )
-    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    simulate.add_argument("--port", type=int, default=8001, help="port to listen on")
     simulate.add_argument(
-        "--ttft", type=float, help="seconds before the first token (LLMWATCH_SIM_TTFT)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s)",
+    )
+    simulate.add_argument(
+        "--port",
+        type=int,
+        default=8001,
+        help="port to listen on (default: %(default)s)",
+    )
+    simulate.add_argument(
+        "--ttft", help="seconds before the first token (LLMWATCH_SIM_TTFT)"
     )
     simulate.add_argument(
         "--token-delay",
-        type=float,
         help="seconds between streamed tokens (LLMWATCH_SIM_TOKEN_DELAY)",
     )
-    simulate.add_argument(
-        "--log-level", choices=LOG_LEVELS, help="log level (LLMWATCH_LOG_LEVEL)"
-    )
-    simulate.add_argument(
-        "--log-format", choices=LOG_FORMATS, help="log format (LLMWATCH_LOG_FORMAT)"
-    )
+    add_log_options(simulate)
     simulate.set_defaults(handler=run_simulate)
 
     batch = commands.add_parser(
@@ -123,69 +137,69 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Apply the flags given on the command line over the environment."""
-    overrides = {
-        "host": getattr(args, "host", None),
-        "port": getattr(args, "port", None),
-        "base_url": getattr(args, "base_url", None),
-        "model": getattr(args, "model", None),
-        "timeout": getattr(args, "timeout", None),
-        "max_retries": getattr(args, "max_retries", None),
-        "prices_file": getattr(args, "prices_file", None),
-        "latency_buckets": getattr(args, "latency_buckets", None),
-        "max_body_bytes": getattr(args, "max_body_bytes", None),
-        "log_level": getattr(args, "log_level", None),
-        "log_format": getattr(args, "log_format", None),
-        "sim_ttft": getattr(args, "ttft", None),
-        "sim_token_delay": getattr(args, "token_delay", None),
-    }
-    settings = load_settings().with_overrides(**overrides)
-    _check_flags(settings)
-    return settings
-
-
-def _check_flags(settings: Settings) -> None:
-    if not 1 <= settings.port <= 65535:
-        raise ConfigError(f"invalid --port {settings.port}: expected 1 to 65535")
-    if settings.timeout <= 0:
-        raise ConfigError(f"invalid --timeout {settings.timeout}: expected > 0")
-    if not 0 <= settings.max_retries <= 10:
-        raise ConfigError(
-            f"invalid --max-retries {settings.max_retries}: expected 0 to 10"
-        )
-    if settings.max_body_bytes <= 0:
-        raise ConfigError(
-            f"invalid --max-body-bytes {settings.max_body_bytes}: expected > 0"
-        )
-    if settings.sim_ttft < 0 or settings.sim_token_delay < 0:
-        raise ConfigError("invalid --ttft or --token-delay: expected 0 or more")
+    flags = {}
+    for attribute, variable in FLAG_VARIABLES.items():
+        value = getattr(args, attribute, None)
+        # simulate's --host and --port are its own, not the service's.
+        own_address = args.command == "simulate" and variable.startswith("APP_")
+        if value is None or own_address:
+            continue
+        flags[variable] = ("--" + attribute.replace("_", "-"), str(value))
+    return load_settings(flags=flags)
 
 
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the service until SIGINT or SIGTERM, then drain in-flight requests."""
     from llmwatch.app import create_app
 
-    app = create_app(settings)
+    return asyncio.run(serve(create_app(settings), settings))
 
-    async def announce(app: web.Application) -> None:
-        logger.info(
-            "llmwatch %s listening on http://%s:%d",
-            __version__,
-            settings.host,
-            settings.port,
-        )
 
-    app.on_startup.append(announce)
-    # run_app stops on SIGTERM as on SIGINT and waits up to shutdown_timeout
-    # for in-flight requests before it closes their connections.
-    web.run_app(
+async def serve(app: web.Application, settings: Settings) -> int:
+    """Serve ``app`` until a stop signal, then wait for in-flight requests.
+
+    After SIGINT or SIGTERM the listening socket closes at once, and the
+    requests already being handled get up to ``shutdown_timeout`` seconds.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    runner = web.AppRunner(
         app,
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_timeout,
         access_log=None,
         handler_cancellation=True,
-        print=None,
+        shutdown_timeout=settings.shutdown_timeout,
     )
+    await runner.setup()
+    try:
+        site = web.TCPSite(
+            runner,
+            settings.host,
+            settings.port,
+            shutdown_timeout=settings.shutdown_timeout,
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"cannot listen on {settings.host}:{settings.port}: {reason}; set "
+                "APP_HOST and APP_PORT (or --host and --port) to a free local address"
+            ) from exc
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        logger.info(
+            "llmwatch %s listening on http://%s:%d", __version__, host, settings.port
+        )
+        await stop.wait()
+        logger.info(
+            "stopping: waiting up to %.0f s for in-flight requests",
+            settings.shutdown_timeout,
+        )
+    finally:
+        await runner.cleanup()
+    logger.info("stopped")
     return 0
 
 

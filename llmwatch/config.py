@@ -46,8 +46,8 @@ class Settings:
 
     @property
     def simulated(self) -> bool:
-        """True when no API key is set, so requests go to the built-in simulator."""
-        return not self.api_key
+        """True without an API key and a base URL: the built-in simulator answers."""
+        return not self.api_key and not self.base_url
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """Return a copy with the given values, skipping those that are None."""
@@ -58,19 +58,27 @@ class Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, tuple[str, str]] | None = None,
+) -> Settings:
     """Read the settings from ``environ`` (``os.environ`` by default).
 
-    Raises ConfigError naming the variable, its value and what it accepts.
+    ``flags`` maps a variable name to a command-line flag and its raw value,
+    which replaces the variable's value and is checked by the same rules.
+    Raises ConfigError naming the variable or flag, the value and what it
+    accepts.
     """
     env = os.environ if environ is None else environ
+    given = flags or {}
     defaults = Settings()
 
     def get(name: str, parse: Callable[[str, str], T], default: T) -> T:
-        raw = env.get(name, "").strip()
+        source, raw = given.get(name, (name, env.get(name, "")))
+        raw = raw.strip()
         if not raw:
             return default
-        return parse(name, raw)
+        return parse(source, raw)
 
     return Settings(
         host=get("APP_HOST", _text, defaults.host),
@@ -101,7 +109,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def _invalid(name: str, raw: str, accepted: str) -> ConfigError:
-    return ConfigError(f"invalid {name}={raw!r}: expected {accepted}")
+    separator = " " if name.startswith("-") else "="
+    return ConfigError(f"invalid {name}{separator}{raw!r}: expected {accepted}")
 
 
 def _text(name: str, raw: str) -> str:

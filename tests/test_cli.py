@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -143,6 +144,77 @@ def test_serve_invalid_port_flag(tmp_path: Path) -> None:
     assert len(lines) == 1
     assert "--port" in lines[0]
     assert "70000" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "accepted"),
+    [
+        ("--timeout", "nan", "positive number of seconds"),
+        ("--timeout", "inf", "positive number of seconds"),
+        ("--base-url", "ftp://example.invalid", "http:// or https:// URL"),
+        ("--max-retries", "11", "0 to 10"),
+        ("--latency-buckets", "2,1", "ascending order"),
+        ("--log-level", "loud", "DEBUG, INFO, WARNING, ERROR"),
+    ],
+)
+def test_serve_invalid_flag_values(
+    tmp_path: Path, flag: str, value: str, accepted: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "llmwatch", "serve", flag, value],
+        env=cli_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+    )
+    lines = result.stderr.decode().splitlines()
+
+    assert result.returncode == 2
+    assert len(lines) == 1
+    assert f"invalid {flag} {value!r}" in lines[0]
+    assert accepted in lines[0]
+
+
+def test_serve_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "llmwatch", "serve", "--port", str(port)],
+            env=cli_env(),
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=30,
+        )
+    errors = [
+        line
+        for line in result.stderr.decode().splitlines()
+        if line.startswith("llmwatch: error:")
+    ]
+
+    assert result.returncode == 2
+    assert len(errors) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in errors[0]
+    assert "APP_PORT" in errors[0]
+    assert "listening on" not in result.stderr.decode()
+
+
+def test_log_level_flag_any_case(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    with running(
+        ["serve", "--port", str(port), "--log-level", "warning"],
+        cli_env(),
+        tmp_path,
+        f"{url}/healthz",
+    ):
+        post_json(f"{url}/ask", {"prompt": "Hello"})
+
+    output = "\n".join(stderr_lines(tmp_path))
+    assert "WARNING" in output
+    assert "llm call model=" not in output
 
 
 def test_serve_port_flag_wins(tmp_path: Path) -> None:
