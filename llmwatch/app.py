@@ -16,7 +16,7 @@ from llmwatch.metrics import Metrics
 from llmwatch.pricing import PriceTable
 from llmwatch.routes import setup_routes
 from llmwatch.simulator import SimulatorConfig, create_simulator_app
-from llmwatch.upstream import SIMULATOR_API_KEY, UpstreamClient
+from llmwatch.upstream import NO_API_KEY, SIMULATOR_API_KEY, UpstreamClient
 from llmwatch.views import (
     METRICS,
     REQUEST_DATA,
@@ -75,8 +75,27 @@ def create_app(settings: Settings | None = None) -> web.Application:
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the OpenAI client, and the simulated upstream when there is no key."""
-    settings = app[SETTINGS]
+    """Open the OpenAI client for the app's lifetime."""
+    upstream, simulator = await open_upstream(app[SETTINGS])
+    app[TRACKER].upstream = upstream
+    app[UPSTREAM_URL] = upstream.base_url or "https://api.openai.com/v1"
+    try:
+        yield
+    finally:
+        await upstream.close()
+        if simulator is not None:
+            await simulator.cleanup()
+
+
+async def open_upstream(
+    settings: Settings,
+) -> tuple[UpstreamClient, web.AppRunner | None]:
+    """Open the OpenAI client, first starting the simulated upstream if needed.
+
+    Without a key and a base URL the built-in simulator answers. A base URL
+    without a key (a local vLLM or Ollama) is called without credentials.
+    Returns the client and the simulator's runner, which the caller cleans up.
+    """
     simulator: web.AppRunner | None = None
     base_url = settings.base_url
     api_key = settings.api_key
@@ -88,20 +107,21 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             "upstream at %s; set OPENAI_API_KEY to call OpenAI",
             base_url,
         )
-    upstream = UpstreamClient(
-        api_key=api_key or "",
-        base_url=base_url,
-        timeout=settings.timeout,
-        max_retries=settings.max_retries,
-    )
-    app[TRACKER].upstream = upstream
-    app[UPSTREAM_URL] = base_url or "https://api.openai.com/v1"
+    elif api_key is None:
+        api_key = NO_API_KEY
+        logger.info("OPENAI_API_KEY is not set: calling %s without a key", base_url)
     try:
-        yield
-    finally:
-        await upstream.close()
+        upstream = UpstreamClient(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=settings.timeout,
+            max_retries=settings.max_retries,
+        )
+    except BaseException:
         if simulator is not None:
             await simulator.cleanup()
+        raise
+    return upstream, simulator
 
 
 async def start_simulator(settings: Settings) -> tuple[web.AppRunner, str]:

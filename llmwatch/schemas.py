@@ -227,7 +227,9 @@ class HealthSchema(Schema):
     """Response body of GET /healthz."""
 
     status = fields.String()
-    upstream = fields.String(metadata={"description": "simulated or openai."})
+    upstream = fields.String(
+        metadata={"description": "simulated, openai or openai-compatible."}
+    )
     base_url = fields.String(allow_none=True)
     version = fields.String()
 

@@ -17,7 +17,7 @@ from marshmallow import ValidationError
 from openai.types import CompletionUsage
 from prometheus_client import CollectorRegistry
 
-from llmwatch.app import start_simulator
+from llmwatch.app import open_upstream
 from llmwatch.calls import AskResult, CallTracker
 from llmwatch.config import Settings, load_settings
 from llmwatch.errors import ApiError
@@ -32,7 +32,7 @@ from llmwatch.push import (
     check_push_options,
 )
 from llmwatch.schemas import AskRequestSchema, invalid_request
-from llmwatch.upstream import SIMULATOR_API_KEY, ChatRequest, UpstreamClient, usage_from
+from llmwatch.upstream import ChatRequest, UpstreamClient, usage_from
 
 logger = logging.getLogger(__name__)
 
@@ -143,28 +143,7 @@ class BatchSession:
         if self._entered:
             raise RuntimeError("a BatchSession can be entered only once")
         self._entered = True
-        settings = self.settings
-        base_url = settings.base_url
-        api_key = settings.api_key
-        if settings.simulated:
-            self._simulator, base_url = await start_simulator(settings)
-            api_key = SIMULATOR_API_KEY
-            logger.warning(
-                "OPENAI_API_KEY is not set: answering from the built-in simulated "
-                "upstream at %s; set OPENAI_API_KEY to call OpenAI",
-                base_url,
-            )
-        try:
-            self._upstream = UpstreamClient(
-                api_key=api_key or "",
-                base_url=base_url,
-                timeout=settings.timeout,
-                max_retries=settings.max_retries,
-            )
-        except BaseException:
-            if self._simulator is not None:
-                await self._simulator.cleanup()
-            raise
+        self._upstream, self._simulator = await open_upstream(self.settings)
         self._tracker.upstream = self._upstream
         self._started = time.monotonic()
         if self.push_interval is not None:

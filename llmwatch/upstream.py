@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 # The simulated upstream takes any key, but the OpenAI client requires one.
 SIMULATOR_API_KEY = "simulated-upstream"
+# Sent to an upstream given by OPENAI_BASE_URL when OPENAI_API_KEY is unset.
+NO_API_KEY = "no-api-key"
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 
 

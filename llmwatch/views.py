@@ -154,11 +154,18 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "status": "ok",
-            "upstream": "simulated" if settings.simulated else "openai",
+            "upstream": upstream_kind(settings),
             "base_url": request.app.get(UPSTREAM_URL),
             "version": __version__,
         }
     )
+
+
+def upstream_kind(settings: Settings) -> str:
+    """Name the upstream in use: simulated, openai or openai-compatible."""
+    if settings.simulated:
+        return "simulated"
+    return "openai-compatible" if settings.base_url else "openai"
 
 
 def validation_error(

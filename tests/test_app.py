@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import AppClient
+import logging
+
+import pytest
+from conftest import AppClient, MakeClient, MakeSimulator
 
 from llmwatch import __version__
 
@@ -14,10 +17,31 @@ async def test_healthz(client: AppClient, simulator_url: str) -> None:
     assert response.status == 200
     assert body == {
         "status": "ok",
-        "upstream": "openai",
+        "upstream": "openai-compatible",
         "base_url": simulator_url,
         "version": __version__,
     }
+
+
+async def test_base_url_without_key(
+    make_client: MakeClient,
+    make_simulator: MakeSimulator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[str] = []
+    base_url = await make_simulator(calls=calls)
+    caplog.set_level(logging.INFO)
+
+    client = await make_client(api_key=None, base_url=base_url)
+    health = await (await client.get("/healthz")).json()
+    response = await client.post("/ask", json={"prompt": "Hello"})
+
+    assert response.status == 200
+    assert health["upstream"] == "openai-compatible"
+    assert health["base_url"] == base_url
+    assert calls == ["/v1/chat/completions"]
+    assert f"calling {base_url} without a key" in caplog.text
+    assert "simulated upstream" not in caplog.text
 
 
 async def test_docs_page(client: AppClient) -> None:
