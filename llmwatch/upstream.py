@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,15 @@ NO_API_KEY = "no-api-key"
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 
 
+# The o-series (o1, o3, o4-mini, ...) and the gpt-5 family, with any suffix.
+_REASONING_MODEL = re.compile(r"^(o\d+|gpt-5)(-|$)")
+
+
+def is_reasoning_model(model: str) -> bool:
+    """Return True for OpenAI's reasoning models, which bill reasoning tokens."""
+    return _REASONING_MODEL.match(model) is not None
+
+
 @dataclass
 class ChatRequest:
     """One chat completion to send upstream."""
@@ -38,7 +48,13 @@ class ChatRequest:
         if self.temperature is not None:
             arguments["temperature"] = self.temperature
         if self.max_tokens is not None:
-            arguments["max_tokens"] = self.max_tokens
+            # OpenAI's reasoning models reject max_tokens and take
+            # max_completion_tokens; other OpenAI-compatible servers (older
+            # vLLM and Ollama releases) know only max_tokens.
+            if is_reasoning_model(self.model):
+                arguments["max_completion_tokens"] = self.max_tokens
+            else:
+                arguments["max_tokens"] = self.max_tokens
         return arguments
 
 
