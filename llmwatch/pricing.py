@@ -107,7 +107,11 @@ class PriceTable:
                 "set LLMWATCH_PRICES_FILE to a readable YAML file"
             ) from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"price table {path} is not valid YAML: {exc}") from exc
+            # PyYAML's message spans several lines; the CLI prints one.
+            reason = " ".join(str(exc).split())
+            raise ConfigError(
+                f"price table {path} is not valid YAML: {reason}"
+            ) from exc
         return cls.from_document(document, str(path))
 
     @classmethod

@@ -262,6 +262,7 @@ def test_price_table_errors(tmp_path: Path, text: str, fragments: list[str]) -> 
     for fragment in fragments:
         assert fragment in message
     assert "good" not in message
+    assert "\n" not in message
 
 
 def test_price_table_missing_file(tmp_path: Path) -> None:
