@@ -259,6 +259,10 @@ def _read_directives(request: web.Request, chat: ChatRequest) -> Directives:
     return directives
 
 
+def _cache_key(snapshot: str, digest: bytes) -> bytes:
+    return _BASE_NAMES[snapshot].encode() + b"\0" + digest
+
+
 def _plan_answer(
     state: _SimulatorState,
     chat: ChatRequest,
@@ -277,7 +281,9 @@ def _plan_answer(
 
     prompt_tokens = count_prompt_tokens(chat.messages)
     cached_tokens = 0
-    if prompt_tokens >= CACHE_MIN_PROMPT_TOKENS and state.was_served(digest):
+    # Each model has a prompt cache of its own, as OpenAI's are.
+    cached = state.was_served(_cache_key(snapshot, digest))
+    if prompt_tokens >= CACHE_MIN_PROMPT_TOKENS and cached:
         cached_tokens = prompt_tokens // CACHE_INCREMENT_TOKENS * CACHE_INCREMENT_TOKENS
     # NOTE: OpenAI counts reasoning tokens against max_completion_tokens. Here
     # the limit cuts only the visible answer, and reasoning comes on top.
@@ -391,7 +397,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         logger.debug("Hanging request %s ended", request[REQUEST_ID])
         return dropped_response(request)
 
-    state.remember_served(digest)
+    state.remember_served(_cache_key(snapshot, digest))
     headers = state.window.headers()
     if fault == "malformed":
         return malformed_response(headers, stream=chat.stream)

@@ -597,6 +597,27 @@ async def test_prompt_cached_on_repeat(
         assert usage.prompt_tokens_details.cached_tokens == cached
 
 
+async def test_prompt_cache_per_model(make_openai: MakeOpenAI) -> None:
+    client = await make_openai()
+    messages = [user("word " * 1100)]
+
+    await client.chat.completions.create(model="o4-mini", messages=messages)
+    other_model = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=messages
+    )
+    snapshot = await client.chat.completions.create(
+        model="o4-mini-2025-04-16", messages=messages
+    )
+
+    assert other_model.usage is not None
+    assert other_model.usage.prompt_tokens_details is not None
+    assert other_model.usage.prompt_tokens_details.cached_tokens == 0
+    # A snapshot shares its base model's cache: 1106 // 128 * 128 = 1024.
+    assert snapshot.usage is not None
+    assert snapshot.usage.prompt_tokens_details is not None
+    assert snapshot.usage.prompt_tokens_details.cached_tokens == 1024
+
+
 async def test_cjk_prompt_gets_chinese(make_openai: MakeOpenAI) -> None:
     client = await make_openai()
     completion = await client.chat.completions.create(
