@@ -385,7 +385,10 @@ class Pusher:
         where = self.target.describe()
         if error is None:
             logger.info(
-                "pushed metrics to %s in %.3f s (%d attempts)", where, elapsed, attempts
+                "pushed metrics to %s in %.3f s (attempts: %d)",
+                where,
+                elapsed,
+                attempts,
             )
             if self._failing:
                 logger.info("pushes to %s succeed again", where)
@@ -453,5 +456,8 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.URLError):
         return f"cannot connect: {exc.reason}"
     if isinstance(exc, TimeoutError):
-        return f"timed out ({exc})" if str(exc) else "timed out"
+        detail = str(exc)
+        return (
+            f"timed out: {detail}" if detail and detail != "timed out" else "timed out"
+        )
     return str(exc) or type(exc).__name__

@@ -236,8 +236,8 @@ def _map_error(exc: openai.OpenAIError) -> ApiError:
         return ApiError(
             502,
             "connection_error",
-            f"Cannot reach the upstream: {failure or exc}. Check OPENAI_BASE_URL "
-            "and the network.",
+            f"Cannot reach the upstream: {str(failure or exc).rstrip('.')}. Check "
+            "OPENAI_BASE_URL and the network.",
         )
     if isinstance(exc, openai.RateLimitError):
         headers = {}
