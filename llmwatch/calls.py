@@ -71,6 +71,7 @@ class CallTracker:
         self.metrics = metrics
         self.prices = prices
         self.allowed_models = frozenset(prices.models) | frozenset(extra_models)
+        self._warned: set[tuple[str, str]] = set()
         self.default_model = self.check_default_model(default_model)
         default_label = base_model_name(self.default_model)
         metrics.init_model(
@@ -191,9 +192,10 @@ class CallTracker:
         metrics = self.metrics
         usage_missing = usage is None
         if usage is None:
-            logger.warning(
+            logger.log(
+                self._repeat_level("usage_missing", label),
                 "upstream sent no token usage for model %s (request id %s); "
-                "recording zero tokens",
+                "recording zero tokens; llm_usage_missing_total counts repeats",
                 label,
                 request_id,
             )
@@ -216,9 +218,11 @@ class CallTracker:
         if rate_limits is not None:
             self._record_rate_limits(label, rate_limits)
         if cost is None:
-            logger.warning(
-                "model %s has no price in the price table; its cost is unknown. "
-                "Add it to LLMWATCH_PRICES_FILE",
+            logger.log(
+                self._repeat_level("unpriced", label),
+                "model %s has no price in the price table, so its cost is unknown; "
+                "add it to LLMWATCH_PRICES_FILE. llm_unpriced_requests_total "
+                "counts repeats",
                 label,
             )
             metrics.unpriced.labels(label).inc()
@@ -251,6 +255,13 @@ class CallTracker:
             time_to_first_token_s=time_to_first_token_s,
             usage_missing=usage_missing,
         )
+
+    def _repeat_level(self, problem: str, model: str) -> int:
+        """Return WARNING the first time a model shows a problem, DEBUG after."""
+        if (problem, model) in self._warned:
+            return logging.DEBUG
+        self._warned.add((problem, model))
+        return logging.WARNING
 
     def record_failure(
         self, model: str, error: ApiError, latency_s: float | None = None

@@ -208,10 +208,12 @@ async def test_cost_unpriced_model(
 
     with caplog.at_level(logging.WARNING):
         response = await client.post("/ask", json={"prompt": "Hello"})
+        repeat = await client.post("/ask", json={"prompt": "Hello"})
     body = await response.json()
     samples = await scrape(client)
 
     assert response.status == 200
+    assert repeat.status == 200
     assert body["model"] == "gpt-4o-mini"
     assert body["cost_usd"] is None
     assert body["prompt_tokens"] == HELLO_PROMPT_TOKENS
@@ -219,8 +221,9 @@ async def test_cost_unpriced_model(
     assert len(warnings) == 1
     assert "gpt-4o-mini" in warnings[0]
     assert "price" in warnings[0]
-    assert sample(samples, "llm_unpriced_requests_total", model="gpt-4o-mini") == 1
-    assert sample(samples, "llm_requests_total", model="gpt-4o-mini") == 1
+    # The repeat is counted but not logged again at WARNING.
+    assert sample(samples, "llm_unpriced_requests_total", model="gpt-4o-mini") == 2
+    assert sample(samples, "llm_requests_total", model="gpt-4o-mini") == 2
     # An unknown cost is no cost series at all, never $0.
     cost_series = [labels for name, labels in samples if name == "llm_cost_usd_total"]
     assert frozenset({("model", "gpt-4o-mini")}) not in cost_series
