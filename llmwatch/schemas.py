@@ -46,6 +46,9 @@ def decode_json(raw: bytes) -> Any:
         ) from None
     except RecursionError:
         raise JsonBodyError("its JSON is nested too deeply") from None
+    except ValueError as exc:
+        # Python refuses integers of more than 4300 digits (sys.int_info).
+        raise JsonBodyError(f"it holds a number that cannot be read: {exc}") from None
     if _SURROGATE_ESCAPE.search(raw):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")

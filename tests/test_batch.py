@@ -156,8 +156,10 @@ async def test_batch_bad_lines_reported(
         {"prompt": "Say hello #fault=server_error"},
     ]
     options = make_options(tmp_path, lines, job=job, pushgateway=gateway_url)
-    with options.input_path.open("ab") as latin1:
-        latin1.write(b'{"prompt": "caf\xe9"}\n')
+    with options.input_path.open("ab") as extra:
+        extra.write(b'{"prompt": "caf\xe9"}\n')
+        extra.write(b'{"prompt": "Hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}\n")
+        extra.write(b'{"prompt": "Hi", "max_tokens": ' + b"9" * 5000 + b"}\n")
 
     report, _ = await run_batch(options, make_settings())
 
@@ -165,7 +167,7 @@ async def test_batch_bad_lines_reported(
     records = read_output(options.output_path)
     assert answered(records) == ["ok"]
     errors = {record["line"]: record for record in records if "error" in record}
-    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 8, 10, 11]
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13]
     assert errors[2]["id"] == 2
     assert "not valid JSON" in errors[2]["error"]["message"]
     assert "must be a JSON object" in errors[3]["error"]["message"]
@@ -184,14 +186,16 @@ async def test_batch_bad_lines_reported(
     assert errors[10]["error"]["type"] == "upstream_error"
     assert errors[10]["error"]["status"] == 502
     assert "not UTF-8" in errors[11]["error"]["message"]
-    assert report.errors == {"invalid_request": 8, "upstream_error": 1}
+    assert "nested too deeply" in errors[12]["error"]["message"]
+    assert "number that cannot be read" in errors[13]["error"]["message"]
+    assert report.errors == {"invalid_request": 10, "upstream_error": 1}
 
     samples = await read_async(gateway_url)
     group = {"job": job, "instance": ""}
     errors_total = "llm_errors_total"
     assert (
         sample(samples, errors_total, model="unknown", type="invalid_request", **group)
-        == 8
+        == 10
     )
     assert (
         sample(
@@ -200,7 +204,7 @@ async def test_batch_bad_lines_reported(
         == 1
     )
     assert sample(samples, "llm_requests_total", model="gpt-4o-mini", **group) == 2
-    assert sample(samples, "llm_batch_items_total", outcome="failed", **group) == 9
+    assert sample(samples, "llm_batch_items_total", outcome="failed", **group) == 11
     assert sample(samples, "llm_batch_items_total", outcome="succeeded", **group) == 1
     assert (LAST_SUCCESS_METRIC, frozenset(group.items())) not in samples
 
