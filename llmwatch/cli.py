@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -15,7 +16,13 @@ from dotenv import load_dotenv
 
 from llmwatch import __version__
 from llmwatch.batch import add_batch_options, run_batch
-from llmwatch.config import LOG_FORMATS, LOG_LEVELS, Settings, load_settings
+from llmwatch.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Settings,
+    load_settings,
+    parse_port,
+)
 from llmwatch.errors import ConfigError
 from llmwatch.logs import setup_logging
 
@@ -152,10 +159,43 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the service until SIGINT or SIGTERM, then drain in-flight requests."""
     from llmwatch.app import create_app
 
-    return asyncio.run(serve(create_app(settings), settings))
+    app = create_app(settings)
+    address = Address(settings.host, settings.port, "APP_HOST and APP_PORT")
+    return asyncio.run(
+        serve(app, address, settings.shutdown_timeout, f"llmwatch {__version__}")
+    )
 
 
-async def serve(app: web.Application, settings: Settings) -> int:
+def run_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the simulated upstream on its own."""
+    from llmwatch.simulator import SimulatorConfig, create_simulator_app
+
+    port = parse_port("--port", str(args.port))
+    if not args.host.strip():
+        raise ConfigError("invalid --host '': expected an address such as 127.0.0.1")
+    config = SimulatorConfig(
+        ttft_s=settings.sim_ttft, token_delay_s=settings.sim_token_delay
+    )
+    app = create_simulator_app(config)
+    address = Address(args.host, port, "--host and --port", path="/v1")
+    return asyncio.run(
+        serve(app, address, settings.shutdown_timeout, "simulated OpenAI upstream")
+    )
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where to listen, and the settings that choose it, for error messages."""
+
+    host: str
+    port: int
+    settings: str
+    path: str = ""
+
+
+async def serve(
+    app: web.Application, address: Address, shutdown_timeout: float, name: str
+) -> int:
     """Serve ``app`` until a stop signal, then wait for in-flight requests.
 
     After SIGINT or SIGTERM the listening socket closes at once, and the
@@ -170,58 +210,30 @@ async def serve(app: web.Application, settings: Settings) -> int:
         app,
         access_log=None,
         handler_cancellation=True,
-        shutdown_timeout=settings.shutdown_timeout,
+        shutdown_timeout=shutdown_timeout,
     )
     await runner.setup()
     try:
-        site = web.TCPSite(
-            runner,
-            settings.host,
-            settings.port,
-            shutdown_timeout=settings.shutdown_timeout,
-        )
+        site = web.TCPSite(runner, address.host, address.port)
         try:
             await site.start()
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise ConfigError(
-                f"cannot listen on {settings.host}:{settings.port}: {reason}; set "
-                "APP_HOST and APP_PORT (or --host and --port) to a free local address"
+                f"cannot listen on {address.host}:{address.port}: {reason}; set "
+                f"{address.settings} to a free local address"
             ) from exc
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        host = f"[{address.host}]" if ":" in address.host else address.host
         logger.info(
-            "llmwatch %s listening on http://%s:%d", __version__, host, settings.port
+            "%s listening on http://%s:%d%s", name, host, address.port, address.path
         )
         await stop.wait()
         logger.info(
-            "stopping: waiting up to %.0f s for in-flight requests",
-            settings.shutdown_timeout,
+            "stopping: waiting up to %.0f s for in-flight requests", shutdown_timeout
         )
     finally:
         await runner.cleanup()
     logger.info("stopped")
-    return 0
-
-
-def run_simulate(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the simulated upstream on its own."""
-    from llmwatch.simulator import SimulatorConfig, create_simulator_app
-
-    config = SimulatorConfig(
-        ttft_s=settings.sim_ttft, token_delay_s=settings.sim_token_delay
-    )
-    logger.info(
-        "simulated OpenAI upstream listening on http://%s:%d/v1",
-        args.host,
-        args.port,
-    )
-    web.run_app(
-        create_simulator_app(config),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=None,
-    )
     return 0
 
 

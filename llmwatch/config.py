@@ -6,6 +6,7 @@ import itertools
 import logging
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -122,16 +123,28 @@ def _path(name: str, raw: str) -> Path:
 
 
 def _url(name: str, raw: str) -> str:
-    if not raw.startswith(("http://", "https://")):
-        raise _invalid(name, raw, "an http:// or https:// URL")
+    accepted = (
+        "an http:// or https:// URL with a host, such as http://127.0.0.1:8001/v1"
+    )
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise _invalid(name, raw, accepted) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _invalid(name, raw, accepted)
     return raw
 
 
+def parse_port(name: str, raw: str) -> int:
+    """Parse a TCP port from 1 to 65535, as ASCII digits."""
+    return _port(name, raw)
+
+
 def _port(name: str, raw: str) -> int:
-    try:
-        port = int(raw)
-    except ValueError:
-        raise _invalid(name, raw, "a TCP port from 1 to 65535") from None
+    if not (raw.isascii() and raw.isdigit()):
+        raise _invalid(name, raw, "a TCP port from 1 to 65535")
+    port = int(raw)
     if not 1 <= port <= 65535:
         raise _invalid(name, raw, "a TCP port from 1 to 65535")
     return port

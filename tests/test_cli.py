@@ -152,6 +152,9 @@ def test_serve_invalid_port_flag(tmp_path: Path) -> None:
         ("--timeout", "nan", "positive number of seconds"),
         ("--timeout", "inf", "positive number of seconds"),
         ("--base-url", "ftp://example.invalid", "http:// or https:// URL"),
+        ("--base-url", "http://127.0.0.1:notaport", "http:// or https:// URL"),
+        ("--base-url", "http://", "URL with a host"),
+        ("--port", "٨٠٩١", "TCP port from 1 to 65535"),
         ("--max-retries", "11", "0 to 10"),
         ("--latency-buckets", "2,1", "ascending order"),
         ("--log-level", "loud", "DEBUG, INFO, WARNING, ERROR"),
@@ -198,6 +201,32 @@ def test_serve_port_in_use(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in errors[0]
     assert "APP_PORT" in errors[0]
     assert "listening on" not in result.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--port", "-5"], "invalid --port '-5'"),
+        (["--port", "99999"], "invalid --port '99999'"),
+        (["--host", ""], "invalid --host ''"),
+    ],
+)
+def test_simulate_invalid_address(
+    tmp_path: Path, flags: list[str], fragment: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "llmwatch", "simulate", *flags],
+        env=cli_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+    )
+    lines = result.stderr.decode().splitlines()
+
+    assert result.returncode == 2
+    assert len(lines) == 1
+    assert fragment in lines[0]
+    assert "listening" not in result.stderr.decode()
 
 
 def test_log_level_flag_any_case(tmp_path: Path) -> None:
