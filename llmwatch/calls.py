@@ -145,7 +145,15 @@ class CallTracker:
         latency = time.perf_counter() - started
 
         completion = reply.completion
-        choice = completion.choices[0] if completion.choices else None
+        if not completion.choices:
+            error = ApiError(
+                502,
+                "upstream_error",
+                "The upstream answered with no choices; nothing was billed.",
+            )
+            self.record_failure(label, error, latency)
+            raise error
+        choice = completion.choices[0]
         try:
             usage = usage_from(completion.usage)
         except ValueError as exc:
@@ -156,8 +164,8 @@ class CallTracker:
             request.model,
             usage,
             latency,
-            answer=(choice.message.content or "") if choice else "",
-            finish_reason=choice.finish_reason if choice else None,
+            answer=choice.message.content or "",
+            finish_reason=choice.finish_reason,
             upstream_model=completion.model,
             request_id=reply.request_id,
             retries=reply.retries,
@@ -302,8 +310,8 @@ def _impossible_usage(exc: ValueError) -> ApiError:
     return ApiError(
         502,
         "upstream_error",
-        f"The upstream reported impossible token usage: {exc}. Nothing was "
-        "recorded for this call.",
+        f"The upstream reported impossible token usage: {exc}. The call counts "
+        "as failed, and none of its tokens or cost are recorded.",
     )
 
 

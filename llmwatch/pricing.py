@@ -18,6 +18,10 @@ from llmwatch.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 PRICE_FIELDS = ("input", "cached_input", "output")
+# No model takes or writes more than a few million tokens in one call; a
+# count past this is a broken upstream, and recording it would corrupt the
+# cost counters for good.
+MAX_TOKENS_PER_CALL = 1_000_000_000
 # A dated snapshot is a base name plus -YYYY-MM-DD (gpt-4o-mini-2024-07-18) or
 # the older -MMDD form (gpt-4-0613).
 _SNAPSHOT_SUFFIX = re.compile(
@@ -57,6 +61,11 @@ class Usage:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r} is not a token count")
+            if value > MAX_TOKENS_PER_CALL:
+                raise ValueError(
+                    f"{name}={value} is over {MAX_TOKENS_PER_CALL:,} tokens for "
+                    "one call"
+                )
         if self.cached_tokens > self.prompt_tokens:
             raise ValueError(
                 f"cached_tokens={self.cached_tokens} exceeds "

@@ -155,6 +155,8 @@ class UpstreamClient:
             completion = raw.parse()
         except openai.OpenAIError as exc:
             raise upstream_error(exc) from exc
+        except UnicodeEncodeError as exc:
+            raise unencodable_request(exc) from exc
         except ValueError as exc:
             # The SDK raises ValueError (a JSONDecodeError) for a body that is
             # not JSON, although the status was 200.
@@ -185,12 +187,25 @@ class UpstreamClient:
             chunks = raw.parse()
         except openai.OpenAIError as exc:
             raise upstream_error(exc) from exc
+        except UnicodeEncodeError as exc:
+            raise unencodable_request(exc) from exc
         return UpstreamStream(
             chunks=chunks,
             request_id=raw.headers.get("x-request-id"),
             retries=raw.retries_taken,
             rate_limits=RateLimits.from_headers(raw.headers),
         )
+
+
+def unencodable_request(exc: UnicodeEncodeError) -> ApiError:
+    """Reject text that has no UTF-8 form, such as a lone surrogate."""
+    return ApiError(
+        400,
+        "invalid_request",
+        f"The request text cannot be encoded as UTF-8: {exc.reason} at position "
+        f"{exc.start}. Remove lone UTF-16 surrogates such as \\ud800.",
+        field="messages",
+    )
 
 
 def upstream_error(exc: openai.OpenAIError) -> ApiError:

@@ -527,6 +527,10 @@ def impossible_completion(usage: dict[str, Any]) -> dict[str, Any]:
             },
             id="cached-over-prompt",
         ),
+        pytest.param(
+            {"prompt_tokens": 10**30, "completion_tokens": 1, "total_tokens": 1},
+            id="absurd",
+        ),
     ],
 )
 async def test_impossible_usage_is_upstream_error(
@@ -550,3 +554,27 @@ async def test_impossible_usage_is_upstream_error(
     assert total(samples, "llm_requests_total") == 1
     assert total(samples, "llm_tokens_total") == 0
     assert total(samples, "llm_cached_prompt_tokens_total") == 0
+
+
+async def test_no_choices_is_upstream_error(
+    make_client: MakeClient, aiohttp_server: Any
+) -> None:
+    async def complete(request: web.Request) -> web.Response:
+        body = impossible_completion(
+            {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
+        )
+        body["choices"] = []
+        return web.json_response(body)
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", complete)
+    server = await aiohttp_server(upstream)
+    client = await make_client(base_url=str(server.make_url("/v1")))
+
+    status, error, samples = await ask_error(client, {"prompt": "Hi"})
+
+    assert status == 502
+    assert error["type"] == "upstream_error"
+    assert "no choices" in error["message"]
+    assert sample(samples, "llm_errors_total", type="upstream_error", **MINI) == 1
+    assert total(samples, "llm_requests_total") == 1

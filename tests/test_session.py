@@ -364,3 +364,22 @@ async def test_session_used_outside_block(make_settings: MakeSettings) -> None:
         pass
     with pytest.raises(RuntimeError, match="only once"):
         await session.__aenter__()
+
+
+async def test_ask_rejects_lone_surrogate(make_settings: MakeSettings) -> None:
+    async with BatchSession(settings=make_settings()) as session:
+        with pytest.raises(ApiError) as raised:
+            await session.ask(prompt="Hi \ud800")
+
+    assert raised.value.status == 400
+    assert raised.value.error_type == "invalid_request"
+    assert "UTF-8" in raised.value.message
+    samples = registry_samples(session)
+    assert (
+        sample(samples, "llm_errors_total", model="gpt-4o-mini", type="upstream_error")
+        == 0
+    )
+    assert (
+        sample(samples, "llm_errors_total", model="gpt-4o-mini", type="invalid_request")
+        == 1
+    )
