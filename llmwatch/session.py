@@ -247,6 +247,8 @@ class BatchSession:
         inconsistent numbers.
         """
         tracker = self._require_entered()
+        if not model.strip():
+            raise ValueError("invalid model '': expected a model name")
         _check_timings(latency_s, time_to_first_token_s)
         # Usage checks its own counts, so an OpenAI usage object with
         # negative or inconsistent counts raises ValueError here.
@@ -277,6 +279,8 @@ class BatchSession:
         None counts the failure under the model label ``unknown``.
         """
         tracker = self._require_entered()
+        if latency_s is not None:
+            _check_timings(latency_s, None)
         if error_type not in ERROR_TYPES:
             raise ValueError(
                 f"unknown error type {error_type!r}; expected one of "

@@ -383,3 +383,18 @@ async def test_ask_rejects_lone_surrogate(make_settings: MakeSettings) -> None:
         sample(samples, "llm_errors_total", model="gpt-4o-mini", type="invalid_request")
         == 1
     )
+
+
+async def test_record_rejects_empty_model_and_negative_latency(
+    make_settings: MakeSettings,
+) -> None:
+    async with BatchSession(settings=make_settings()) as session:
+        with pytest.raises(ValueError, match="model"):
+            session.record("", Usage(), 1.0)
+        with pytest.raises(ValueError, match="latency_s"):
+            session.record_failure("gpt-4o", "timeout", -1.0)
+
+    samples = registry_samples(session)
+    assert sample(samples, "llm_requests_total", model="") == 0
+    assert sample(samples, "llm_errors_total", model="gpt-4o", type="timeout") == 0
+    assert session.failed == 0
