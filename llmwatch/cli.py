@@ -199,7 +199,8 @@ async def serve(
     """Serve ``app`` until a stop signal, then wait for in-flight requests.
 
     After SIGINT or SIGTERM the listening socket closes at once, and the
-    requests already being handled get up to ``shutdown_timeout`` seconds.
+    requests already being handled get up to ``shutdown_timeout`` seconds. A
+    second signal stops without waiting, and the exit status is then 1.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -215,24 +216,33 @@ async def serve(
     await runner.setup()
     try:
         site = web.TCPSite(runner, address.host, address.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ConfigError(
-                f"cannot listen on {address.host}:{address.port}: {reason}; set "
-                f"{address.settings} to a free local address"
-            ) from exc
-        host = f"[{address.host}]" if ":" in address.host else address.host
-        logger.info(
-            "%s listening on http://%s:%d%s", name, host, address.port, address.path
-        )
-        await stop.wait()
-        logger.info(
-            "stopping: waiting up to %.0f s for in-flight requests", shutdown_timeout
-        )
-    finally:
+        await site.start()
+    except OSError as exc:
         await runner.cleanup()
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"cannot listen on {address.host}:{address.port}: {reason}; set "
+            f"{address.settings} to a free local address"
+        ) from exc
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    logger.info(
+        "%s listening on http://%s:%d%s", name, host, address.port, address.path
+    )
+    await stop.wait()
+
+    logger.info(
+        "stopping: waiting up to %.0f s for in-flight requests; signal again to "
+        "stop at once",
+        shutdown_timeout,
+    )
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, cleanup.cancel)
+    try:
+        await cleanup
+    except asyncio.CancelledError:
+        logger.warning("stopped at once on a second signal; in-flight requests cut")
+        return 1
     logger.info("stopped")
     return 0
 

@@ -294,6 +294,48 @@ def test_serve_drains_on_sigterm(tmp_path: Path) -> None:
     assert body["completion_tokens"] == 20
 
 
+def test_serve_second_signal_stops_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    results: list[BaseException | tuple[int, Any]] = []
+
+    def ask_slowly() -> None:
+        try:
+            results.append(post_json(f"{url}/ask", {"prompt": "Hello #delay=20"}))
+        except (OSError, urllib.error.URLError) as exc:
+            results.append(exc)
+
+    with running(
+        ["--port", str(port)], cli_env(), tmp_path, f"{url}/healthz"
+    ) as process:
+        client = threading.Thread(target=ask_slowly)
+        client.start()
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+                samples = parse_metrics(response.read().decode())
+            if sample(samples, "llm_requests_in_flight") == 1:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert process.poll() is None
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        exit_status = process.wait(timeout=10)
+        waited = time.monotonic() - stopped_at
+        client.join(timeout=20)
+
+    assert exit_status == 1
+    # Far less than the 20 s the request would take, or the 30 s drain.
+    assert waited < 5
+    assert len(results) == 1
+    assert not isinstance(results[0], tuple)
+    output = "\n".join(stderr_lines(tmp_path))
+    assert "stopped at once on a second signal" in output
+
+
 def test_simulate_serves_models(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/models"
