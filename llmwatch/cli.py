@@ -151,7 +151,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         own_address = args.command == "simulate" and variable.startswith("APP_")
         if value is None or own_address:
             continue
-        flags[variable] = ("--" + attribute.replace("_", "-"), str(value))
+        flag = "--" + attribute.replace("_", "-")
+        if not str(value).strip():
+            raise ConfigError(
+                f"invalid {flag} {value!r}: expected a value; leave the flag out "
+                "to use the default"
+            )
+        flags[variable] = (flag, str(value))
     return load_settings(flags=flags)
 
 

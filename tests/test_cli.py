@@ -158,6 +158,8 @@ def test_serve_invalid_port_flag(tmp_path: Path) -> None:
         ("--max-retries", "11", "0 to 10"),
         ("--latency-buckets", "2,1", "ascending order"),
         ("--log-level", "loud", "DEBUG, INFO, WARNING, ERROR"),
+        ("--port", "", "expected a value"),
+        ("--latency-buckets", " ", "expected a value"),
     ],
 )
 def test_serve_invalid_flag_values(
