@@ -31,6 +31,7 @@ from llmwatch.errors import ApiError, ConfigError
 from llmwatch.push import (
     DEFAULT_PUSH_RETRIES,
     DEFAULT_PUSH_TIMEOUT_S,
+    MAX_PUSH_RETRIES,
     check_push_options,
     parse_grouping,
 )
@@ -71,6 +72,13 @@ class BatchOptions:
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL_S
 
     def __post_init__(self) -> None:
+        # Checked here and not only with a Pushgateway, so that a wrong value
+        # shows before the day a gateway is added.
+        if not 0 <= self.push_retries <= MAX_PUSH_RETRIES:
+            raise ConfigError(
+                f"invalid --push-retries {self.push_retries}: expected 0 to "
+                f"{MAX_PUSH_RETRIES}"
+            )
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
             raise ConfigError(
                 f"invalid --concurrency {self.concurrency}: expected 1 to "
@@ -445,7 +453,7 @@ def _push_status(session: BatchSession) -> str:
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {raw}")
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {raw}")
     return value
 
 
@@ -527,7 +535,8 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         default=DEFAULT_PUSH_RETRIES,
-        help=f"retries of a failed push (default {DEFAULT_PUSH_RETRIES})",
+        help=f"retries of a failed push, 0 to {MAX_PUSH_RETRIES} "
+        f"(default {DEFAULT_PUSH_RETRIES})",
     )
     push.add_argument(
         "--push-user",

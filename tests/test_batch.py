@@ -509,13 +509,14 @@ async def test_command_exit_statuses(
             (["ok.jsonl", "-o", "d.jsonl", "--job", "cli-ok"], simulated),
             (["mixed.jsonl", "-o", "e.jsonl", *auth, "--push-user", "u"], debug),
             (["ok.jsonl", "-o", "f.jsonl"], with_key),
+            (["ok.jsonl", "-o", "g.jsonl", "--push-retries", "11"], simulated),
         ]
         results = await asyncio.gather(
             *(run_command(args, tmp_path, env) for args, env in cases)
         )
 
-    assert [status for status, _ in results] == [2, 2, 2, 2, 0, 1, 2]
-    for _, stderr in [*results[:4], results[6]]:
+    assert [status for status, _ in results] == [2, 2, 2, 2, 0, 1, 2, 2]
+    for _, stderr in [*results[:4], *results[6:]]:
         assert len(stderr.splitlines()) == 1, stderr
         assert stderr.startswith("llmwatch: error: ")
     assert "cannot read the input file missing.jsonl" in results[0][1]
@@ -536,6 +537,7 @@ async def test_command_exit_statuses(
     assert "HTTP 401" in mixed_stderr
     assert "do-not-log-me" not in mixed_stderr
     assert "PASSWORD is set but no Pushgateway user" in results[6][1]
+    assert "invalid --push-retries 11: expected 0 to 10" in results[7][1]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
