@@ -63,6 +63,18 @@ def running(
                 process.wait()
 
 
+def wait_in_flight(url: str, count: int, timeout: float = 10) -> None:
+    """Poll the service's /metrics until ``count`` requests are in flight."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+            samples = parse_metrics(response.read().decode())
+        if sample(samples, "llm_requests_in_flight") == count:
+            return
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def stderr_lines(cwd: Path) -> list[str]:
     return (cwd / "stderr.log").read_text(encoding="utf-8").splitlines()
 
@@ -275,14 +287,7 @@ def test_serve_drains_on_sigterm(tmp_path: Path) -> None:
     ) as process:
         client = threading.Thread(target=ask_slowly)
         client.start()
-        deadline = time.monotonic() + 10
-        while True:
-            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
-                samples = parse_metrics(response.read().decode())
-            if sample(samples, "llm_requests_in_flight") == 1:
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_in_flight(url, 1)
         process.send_signal(signal.SIGTERM)
         client.join(timeout=20)
         exit_status = process.wait(timeout=20)
@@ -312,14 +317,7 @@ def test_serve_second_signal_stops_at_once(tmp_path: Path) -> None:
     ) as process:
         client = threading.Thread(target=ask_slowly)
         client.start()
-        deadline = time.monotonic() + 10
-        while True:
-            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
-                samples = parse_metrics(response.read().decode())
-            if sample(samples, "llm_requests_in_flight") == 1:
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_in_flight(url, 1)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert process.poll() is None

@@ -511,6 +511,18 @@ def impossible_completion(usage: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def fixed_upstream(aiohttp_server: Any, body: dict[str, Any]) -> str:
+    """Serve ``body`` for every chat completion; return the base URL."""
+
+    async def complete(request: web.Request) -> web.Response:
+        return web.json_response(body)
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", complete)
+    server = await aiohttp_server(upstream)
+    return str(server.make_url("/v1"))
+
+
 @pytest.mark.parametrize(
     "usage",
     [
@@ -536,13 +548,8 @@ def impossible_completion(usage: dict[str, Any]) -> dict[str, Any]:
 async def test_impossible_usage_is_upstream_error(
     make_client: MakeClient, aiohttp_server: Any, usage: dict[str, Any]
 ) -> None:
-    async def complete(request: web.Request) -> web.Response:
-        return web.json_response(impossible_completion(usage))
-
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", complete)
-    server = await aiohttp_server(upstream)
-    client = await make_client(base_url=str(server.make_url("/v1")))
+    body = impossible_completion(usage)
+    client = await make_client(base_url=await fixed_upstream(aiohttp_server, body))
 
     status, error, samples = await ask_error(client, {"prompt": "Hi"})
 
@@ -559,17 +566,11 @@ async def test_impossible_usage_is_upstream_error(
 async def test_no_choices_is_upstream_error(
     make_client: MakeClient, aiohttp_server: Any
 ) -> None:
-    async def complete(request: web.Request) -> web.Response:
-        body = impossible_completion(
-            {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
-        )
-        body["choices"] = []
-        return web.json_response(body)
-
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", complete)
-    server = await aiohttp_server(upstream)
-    client = await make_client(base_url=str(server.make_url("/v1")))
+    body = impossible_completion(
+        {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
+    )
+    body["choices"] = []
+    client = await make_client(base_url=await fixed_upstream(aiohttp_server, body))
 
     status, error, samples = await ask_error(client, {"prompt": "Hi"})
 
