@@ -92,8 +92,9 @@ async def open_upstream(
 ) -> tuple[UpstreamClient, web.AppRunner | None]:
     """Open the OpenAI client, first starting the simulated upstream if needed.
 
-    Without a key and a base URL the built-in simulator answers. A base URL
-    without a key (a local vLLM or Ollama) is called without credentials.
+    Without a key and a base URL the built-in simulator serves the requests.
+    A base URL without a key (a local vLLM or Ollama) gets the placeholder
+    key NO_API_KEY, since the OpenAI client requires one.
     Returns the client and the simulator's runner, which the caller cleans up.
     """
     simulator: web.AppRunner | None = None

@@ -191,7 +191,7 @@ def run_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 @dataclass(frozen=True)
 class Address:
-    """Where to listen, and the settings that choose it, for error messages."""
+    """Listening address, with the names of the settings that set it."""
 
     host: str
     port: int

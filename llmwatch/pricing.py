@@ -18,9 +18,9 @@ from llmwatch.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 PRICE_FIELDS = ("input", "cached_input", "output")
-# No model takes or writes more than a few million tokens in one call; a
-# count past this is a broken upstream, and recording it would corrupt the
-# cost counters for good.
+# An estimate with a wide margin: no current model takes or writes more than
+# a few million tokens in one call. A larger count comes from a broken
+# upstream, and recording it would corrupt the cost counters for good.
 MAX_TOKENS_PER_CALL = 1_000_000_000
 # A dated snapshot is a base name plus -YYYY-MM-DD (gpt-4o-mini-2024-07-18) or
 # the older -MMDD form (gpt-4-0613).
